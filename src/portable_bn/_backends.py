@@ -1,0 +1,165 @@
+"""Backends known to the test suite and to ``python -m portable_bn check``.
+
+One table of how to put NumPy data on each (library, device, dtype) and get
+it back, so the conformance suite and the ``check`` command exercise exactly
+the same combinations. Importing this module imports no backend: each is
+loaded only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._compat import to_numpy
+
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask")
+GPU_BACKENDS = ("cupy", "torch_gpu", "jax_gpu")
+ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One (backend, device, dtype) point of the conformance matrix."""
+
+    backend: str
+    library: Any
+    """The module a user imports: numpy, torch, jax.numpy, dask.array, ..."""
+    device: Any
+    dtype_name: str
+    values: bool
+    """False for devices that hold no data (torch "meta"): shapes only."""
+    lazy: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.device}-{self.dtype_name}"
+
+    @property
+    def dtype(self) -> Any:
+        if self.backend == "dask":
+            return np.dtype(self.dtype_name)
+        return getattr(self.library, self.dtype_name)
+
+    def asarray(self, data: Any, dtype: Any = None) -> Any:
+        """NumPy data as an array of this combination (``dtype`` defaults to ours)."""
+        return _MAKERS[self.backend](self, np.asarray(data), self.dtype if dtype is None else dtype)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """Host float64 (or integer) copy of an array of this combination."""
+        return _as_float64_if_floating(to_numpy(array))
+
+
+def _as_float64_if_floating(host: Any) -> np.ndarray:
+    host = np.asarray(host)
+    if host.dtype.kind in "fV" or "float" in str(host.dtype):  # ml_dtypes bfloat16 reports kind 'V'
+        return host.astype(np.float64)
+    return host
+
+
+def _numpy(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    return np.asarray(data, dtype=dtype)
+
+
+def _strict(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    return c.library.asarray(np.ascontiguousarray(data), dtype=dtype, device=c.device)
+
+
+def _torch(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    import torch
+
+    return torch.asarray(np.ascontiguousarray(data), device=c.device).to(dtype)
+
+
+def _jax(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    import jax
+
+    return jax.device_put(c.library.asarray(data, dtype=dtype), c.device)
+
+
+def _dask(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    # Two chunks along the batch axis, so reductions really combine chunks.
+    chunks = tuple(max(1, (size + 1) // 2) if i == 0 else max(size, 1) for i, size in enumerate(data.shape))
+    return c.library.from_array(data.astype(dtype), chunks=chunks)
+
+
+def _cupy(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    return c.library.asarray(data, dtype=dtype)
+
+
+_MAKERS: dict[str, Callable[[Combination, np.ndarray, Any], Any]] = {
+    "numpy": _numpy,
+    "array_api_strict": _strict,
+    "torch": _torch,
+    "torch_gpu": _torch,
+    "jax": _jax,
+    "jax_gpu": _jax,
+    "dask": _dask,
+    "cupy": _cupy,
+}
+
+
+class BackendUnavailable(Exception):
+    """The backend's library is not installed, or it has no device here."""
+
+
+def combinations(backend: str) -> list[Combination]:
+    """Every (device, dtype) of one backend, or BackendUnavailable saying why not."""
+    if backend not in ALL_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(ALL_BACKENDS)}")
+    try:
+        return list(_combinations(backend))
+    except ImportError as exc:
+        raise BackendUnavailable(f"{backend}: not installed ({exc})") from None
+
+
+def _combinations(backend: str) -> Iterator[Combination]:
+    if backend == "numpy":
+        for name in ("float16", "float32", "float64"):
+            yield Combination(backend, np, "cpu", name, values=True)
+    elif backend == "array_api_strict":
+        xp = importlib.import_module("array_api_strict")
+        for dev in (xp.Device("CPU_DEVICE"), xp.Device("device1")):
+            for name in ("float32", "float64"):
+                yield Combination(backend, xp, dev, name, values=True)
+    elif backend in ("torch", "torch_gpu"):
+        torch = importlib.import_module("torch")
+        if backend == "torch":
+            devices = [("cpu", True), ("meta", False)]
+        else:
+            if not torch.cuda.is_available():
+                raise BackendUnavailable("torch_gpu: torch is installed but sees no CUDA device")
+            devices = [("cuda", True)]
+        for dev, values in devices:
+            for name in ("float16", "bfloat16", "float32", "float64"):
+                yield Combination(backend, torch, dev, name, values=values)
+    elif backend in ("jax", "jax_gpu"):
+        jax = importlib.import_module("jax")
+        jax.config.update("jax_enable_x64", True)  # float64 and int64 as in the other libraries
+        jnp = importlib.import_module("jax.numpy")
+        platform = "cpu" if backend == "jax" else "gpu"
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError:
+            raise BackendUnavailable(f"{backend}: JAX sees no {platform} device") from None
+        for dev in devices[:1]:
+            for name in ("float16", "bfloat16", "float32", "float64"):
+                yield Combination(backend, jnp, dev, name, values=True)
+    elif backend == "dask":
+        da = importlib.import_module("dask.array")
+        for name in ("float16", "float32", "float64"):
+            yield Combination(backend, da, "cpu", name, values=True, lazy=True)
+    elif backend == "cupy":
+        cp = importlib.import_module("cupy")
+        try:
+            count = cp.cuda.runtime.getDeviceCount()
+        except Exception:  # noqa: BLE001 - CUDA runtime errors have no common base class
+            count = 0
+        if count == 0:
+            raise BackendUnavailable("cupy: installed but no CUDA device")
+        for name in ("float16", "float32", "float64"):
+            yield Combination(backend, cp, "cuda", name, values=True)

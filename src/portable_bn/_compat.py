@@ -1,0 +1,174 @@
+"""Everything that knows about particular array libraries lives here.
+
+This is the only module that imports :mod:`array_api_compat`. The rest of the
+package receives a namespace ``xp`` and writes plain array-API code; every
+backend-specific line below says why it exists.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_dask_array,
+    is_jax_namespace,
+    is_numpy_array,
+    is_torch_namespace,
+    to_device,
+)
+
+__all__ = [
+    "array_namespace",
+    "as_parameter",
+    "convert_array",
+    "default_integer_dtype",
+    "describe_namespace",
+    "detach",
+    "device",
+    "devices_differ",
+    "namespace_of",
+    "resolve_namespace",
+    "to_numpy",
+]
+
+
+def describe_namespace(xp: ModuleType) -> str:
+    """Short library name for messages: 'numpy', 'torch', 'jax', ..."""
+    name = xp.__name__
+    for prefix in ("array_api_compat.",):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return {"jax.numpy": "jax", "dask.array": "dask"}.get(name, name)
+
+
+def namespace_of(value: Any, name: str) -> ModuleType:
+    """Namespace of one argument, or a TypeError that names the argument."""
+    if not is_array_api_obj(value):
+        raise TypeError(
+            f"{name} must be an array of a supported library (NumPy, PyTorch, CuPy, "
+            f"JAX, Dask, array-api-strict), got {type(value).__name__}"
+        )
+    return array_namespace(value)
+
+
+def resolve_namespace(library: Any) -> ModuleType:
+    """Turn ``numpy``, ``torch``, ``jax.numpy``, ``dask.array``, ``cupy``,
+    ``array_api_strict`` or a compat namespace into the namespace we compute with.
+
+    A tiny array made by the library's own ``asarray`` tells array-api-compat
+    which wrapper applies, so every spelling of a library resolves alike.
+    """
+    make = getattr(library, "asarray", None)
+    if not callable(make):
+        raise TypeError(
+            "xp must be an array library module such as numpy, torch, jax.numpy, "
+            f"dask.array, cupy or array_api_strict, got {library!r}"
+        )
+    try:
+        probe = make(0.0)
+        return array_namespace(probe)
+    except TypeError as exc:
+        raise TypeError(f"xp={library!r} is not a supported array library: {exc}") from None
+
+
+def devices_differ(a: Any, b: Any) -> bool:
+    """True when two arrays are known to live on different devices.
+
+    JAX tracers inside ``jax.jit`` report no device (array-api-compat returns
+    None); placement is then JAX's business, so we do not call it a mismatch.
+    """
+    dev_a, dev_b = device(a), device(b)
+    if dev_a is None or dev_b is None:
+        return False
+    return bool(dev_a != dev_b)
+
+
+def detach(xp: ModuleType, x: Any) -> Any:
+    """Cut autograd history: running statistics must never require grad."""
+    if is_torch_namespace(xp):
+        # torch: a running statistic computed from the batch would otherwise keep
+        # the whole graph alive and make the next backward fail.
+        return x.detach()
+    if is_jax_namespace(xp):
+        # jax: jax.grad must not differentiate through running statistics.
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def as_parameter(xp: ModuleType, x: Any) -> Any:
+    """Make a trainable parameter: in torch a leaf that requires grad, as
+    ``nn.Parameter`` would be, so ``loss.backward()`` reaches ``bn.weight``."""
+    if is_torch_namespace(xp):
+        return x.detach().requires_grad_(True)
+    return x
+
+
+def default_integer_dtype(xp: ModuleType, dev: Any) -> Any:
+    """int64 where the library has it; JAX without x64 falls back to int32."""
+    info = xp.__array_namespace_info__()
+    try:
+        return info.default_dtypes(device=dev)["integral"]
+    except TypeError:  # some wrappers take no device argument
+        return info.default_dtypes()["integral"]
+
+
+def to_numpy(value: Any) -> Any:
+    """Host NumPy copy of any supported array (also the fallback route of convert_array)."""
+    import numpy as np
+
+    if is_numpy_array(value):
+        return value
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch: CUDA, grad, bfloat16
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            tensor = tensor.float()
+        return tensor.numpy()
+    if hasattr(value, "get") and type(value).__module__.startswith("cupy"):  # cupy
+        return value.get()
+    if is_dask_array(value):
+        # Loading a state dict is not a forward call; materializing a C-element
+        # checkpoint array is the only way to hand it to another library.
+        return np.asarray(value.compute())
+    if is_array_api_obj(value):
+        xp = array_namespace(value)
+        if xp.__name__ == "array_api_strict":
+            # array-api-strict refuses NumPy conversion off its CPU device.
+            value = to_device(value, xp.__array_namespace_info__().default_device())
+    return np.asarray(value)
+
+
+def convert_array(value: Any, xp: ModuleType, dev: Any, dtype: Any) -> Any:
+    """Copy ``value`` (an array of any supported library, or a Python/NumPy
+    scalar) into library ``xp`` on device ``dev`` with ``dtype``.
+
+    Same library: ``astype`` + ``to_device``. Other library: DLPack first (zero
+    host round-trip, e.g. torch CUDA -> CuPy), then a NumPy host copy.
+    Always returns a fresh array, never a view of the caller's data.
+    """
+    if is_array_api_obj(value) and array_namespace(value) is xp:
+        out = detach(xp, value)
+    else:
+        source = value.detach() if hasattr(value, "detach") else value  # torch grad
+        out = None
+        if is_array_api_obj(source) and hasattr(xp, "from_dlpack") and not is_dask_array(source):
+            try:
+                out = xp.from_dlpack(source)
+            except Exception:  # noqa: BLE001 - any DLPack refusal means: take the host route
+                out = None
+        if out is None:
+            host = to_numpy(source)
+            out = xp.asarray(host, dtype=dtype)
+    out = xp.astype(out, dtype)
+    if dev is not None and devices_differ(out, _probe(xp, dev)):
+        out = to_device(out, dev)
+    return xp.asarray(out, copy=True)
+
+
+def _probe(xp: ModuleType, dev: Any) -> Any:
+    return xp.empty((0,), device=dev)

@@ -1,0 +1,226 @@
+"""Public functions: thin entries that validate, resolve ``xp`` once and call
+the array-API implementation in :mod:`._agnostic`."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from . import _agnostic, _validate
+from ._compat import detach
+from ._recipe import Recipe
+
+__all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
+
+
+class BatchNormResult(NamedTuple):
+    """What :func:`batch_norm` returns.
+
+    Attributes
+    ----------
+    output : array
+        The normalized input, same shape, dtype, library and device as ``x``.
+    running_mean, running_var : array or None
+        The new running statistics (training) or the given ones (eval); None
+        where None was given. Never attached to an autograd graph.
+    mean, invstd : array
+        Per-channel statistics used to normalize (batch statistics in
+        training, running ones in eval), in the compute dtype (float32 for
+        float16/bfloat16 input). Pass them to :func:`batch_norm_backward`.
+    """
+
+    output: Any
+    running_mean: Any
+    running_var: Any
+    mean: Any
+    invstd: Any
+
+
+def batch_norm(
+    x: Any,
+    running_mean: Any = None,
+    running_var: Any = None,
+    weight: Any = None,
+    bias: Any = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> BatchNormResult:
+    """Batch normalization with PyTorch's exact rules, on any array-API library.
+
+    A pure version of :func:`torch.nn.functional.batch_norm`: arguments are
+    never written to; the updated running statistics are returned.
+
+    Parameters
+    ----------
+    x : array
+        Input of rank >= 2 and real floating dtype (NumPy, PyTorch, CuPy, JAX,
+        Dask or array-api-strict).
+    running_mean, running_var : array or None
+        Running statistics of shape ``(C,)``: both or neither. Required when
+        ``training`` is False.
+    weight, bias : array or None
+        Per-channel affine parameters of shape ``(C,)``; None means 1 and 0.
+    training : bool, keyword-only
+        Normalize with the batch statistics (and update the running ones) if
+        True, with the running statistics if False.
+    momentum : float, keyword-only
+        Weight of the new batch in the running update:
+        ``new = (1 - momentum) * old + momentum * batch``; the variance uses the
+        unbiased batch variance, as PyTorch.
+    eps : float, keyword-only
+        Added to the variance before the square root; > 0 in training.
+    axis : int, keyword-only
+        Channel axis (1 for NCHW, -1 for channels-last); all others are reduced.
+
+    Returns
+    -------
+    BatchNormResult
+        ``(output, running_mean, running_var, mean, invstd)``.
+
+    Raises
+    ------
+    TypeError
+        Non-floating input or parameters, arrays of different libraries,
+        dtypes that do not match ``x``.
+    ValueError
+        Wrong rank or channel count, only one running buffer, ``eps <= 0`` in
+        training, one value per channel in training, eval without running
+        statistics, arrays on different devices, unknown (Dask) sizes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> x = np.arange(12.0).reshape(2, 3, 2)
+    >>> r = pbn.batch_norm(x, np.zeros(3), np.ones(3), training=True)
+    >>> r.output[:, 0].round(4)
+    array([[-1.0847, -0.8452],
+           [ 0.8452,  1.0847]])
+    >>> r.running_mean
+    array([0.45, 0.65, 0.85])
+    >>> r.mean
+    array([4.5, 6.5, 8.5])
+    """
+    xp = _validate.input_array(x)
+    training = _validate.flag(training, "training")
+    factor = _validate.real_number(momentum, "momentum")
+    return forward(xp, x, running_mean, running_var, weight, bias, training=training, factor=factor, eps=eps, axis=axis)
+
+
+def forward(
+    xp: ModuleType,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    *,
+    training: bool,
+    factor: Any,
+    eps: Any,
+    axis: Any,
+) -> BatchNormResult:
+    """:func:`batch_norm` after ``x``, ``training`` and the update factor are
+    checked; ``factor`` may be a 0-d array (a module's cumulative average)."""
+    recipe = _checked_recipe(xp, x, axis, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    eps = _validate.epsilon(eps, training=training)
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean and running_var must be given together, got only {given}")
+    if training and recipe.count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(recipe_shape(x))}"
+        )
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+
+    dtype = _agnostic.compute_dtype(xp, x.dtype)
+    x_compute = xp.astype(x, dtype, copy=False)
+    if training:
+        stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps)
+    else:
+        stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
+        centered = x_compute - xp.reshape(stats.mean, recipe.param_shape)
+    output = _agnostic.scale_and_shift(xp, centered, stats.invstd, weight, bias, recipe, x.dtype)
+    if training and running_mean is not None:
+        detached = _agnostic.Statistics(detach(xp, stats.mean), stats.invstd, detach(xp, stats.batch_var))
+        running_mean, running_var = _agnostic.updated_running_stats(
+            xp, detach(xp, running_mean), detach(xp, running_var), detached, recipe, factor
+        )
+    return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
+
+
+def recipe_shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(size) for size in x.shape)
+
+
+def _checked_recipe(xp: ModuleType, x: Any, axis: Any, **vectors: Any) -> Recipe:
+    recipe = _validate.recipe_for(x, axis)
+    for name, value in vectors.items():
+        if value is not None:
+            _validate.per_channel(xp, x, value, name, recipe)
+    return recipe
+
+
+def batch_norm_backward(
+    grad_output: Any,
+    x: Any,
+    weight: Any,
+    mean: Any,
+    invstd: Any,
+    *,
+    training: bool = True,
+    axis: int = 1,
+) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`batch_norm` with respect to ``x``, ``weight`` and ``bias``.
+
+    For backends without autograd (NumPy, CuPy, Dask). The statistics are the
+    ``mean`` and ``invstd`` returned by the forward call.
+
+    Parameters
+    ----------
+    grad_output : array
+        Gradient of the loss with respect to the output; shape and dtype of ``x``.
+    x : array
+        The forward input.
+    weight : array or None
+        The forward weight; None means ones.
+    mean, invstd : array
+        ``BatchNormResult.mean`` and ``BatchNormResult.invstd`` of the forward call.
+    training : bool, keyword-only
+        Whether the forward used batch statistics (their dependence on ``x``
+        is then differentiated) or running statistics (constants).
+    axis : int, keyword-only
+        Channel axis, as in the forward call.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias : array
+        ``grad_input`` like ``x``; ``grad_weight`` and ``grad_bias`` of shape
+        ``(C,)`` in the weight's dtype (the compute dtype when ``weight`` is None),
+        always computed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> x = np.arange(12.0).reshape(2, 3, 2)
+    >>> r = pbn.batch_norm(x, training=True)
+    >>> gi, gw, gb = pbn.batch_norm_backward(np.ones_like(x), x, None, r.mean, r.invstd)
+    >>> gb
+    array([4., 4., 4.])
+    >>> np.abs(gi).max() < 1e-12   # a constant upstream gradient cancels in training
+    np.True_
+    """
+    xp = _validate.input_array(x)
+    training = _validate.flag(training, "training")
+    _validate.same_library_and_device(xp, x, grad_output, "grad_output")
+    if tuple(grad_output.shape) != tuple(x.shape):
+        raise ValueError(f"grad_output must have the shape of x {tuple(x.shape)}, got {tuple(grad_output.shape)}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(f"grad_output must have the dtype of x ({x.dtype}), got {grad_output.dtype}")
+    recipe = _checked_recipe(xp, x, axis, weight=weight, mean=mean, invstd=invstd)
+    return _agnostic.backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training)

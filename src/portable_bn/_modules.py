@@ -1,0 +1,458 @@
+"""Stateful modules mirroring ``torch.nn.BatchNorm1d/2d/3d``.
+
+A module holds its state in plain attributes and *rebinds* them after each
+successful call -- it never writes into an array -- so JAX arrays and
+read-only NumPy arrays work, and a call that raises changes nothing.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, ClassVar, NamedTuple
+
+from . import _agnostic, _validate
+from ._compat import as_parameter, convert_array, default_integer_dtype, detach, device, namespace_of, resolve_namespace
+from ._functional import forward
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
+
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`~BatchNorm2d.load_state_dict` returns (PyTorch's names)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class _Placement(NamedTuple):
+    xp: ModuleType
+    device: Any
+    dtype: Any
+
+
+class _BatchNorm:
+    """Shared implementation of BatchNorm1d/2d/3d (see :class:`BatchNorm2d`)."""
+
+    _ranks: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        axis: int = 1,
+        xp: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        eps_value = _validate.real_number(eps, "eps")
+        if eps_value < 0:
+            raise ValueError(f"eps must be >= 0, got {eps_value}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+        self.num_features = int(num_features)
+        self.eps = eps_value
+        self.momentum = None if momentum is None else _validate.real_number(momentum, "momentum")
+        self.affine = _validate.flag(affine, "affine")
+        self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
+        self.axis = int(axis)
+        self.training = True
+        self.weight: Any = None
+        self.bias: Any = None
+        self.running_mean: Any = None
+        self.running_var: Any = None
+        self.num_batches_tracked: Any = None
+        self._dtype_request = dtype
+        self._placement: _Placement | None = None
+        if xp is not None:
+            namespace = resolve_namespace(xp)
+            placement = _Placement(namespace, device, _resolve_dtype(namespace, dtype, default=namespace.float32))
+            self._bind(placement, self._fresh_state(placement))
+        elif device is not None:
+            raise ValueError("device needs xp: the library is otherwise only known at the first call")
+
+    # ----------------------------------------------------------------- state
+    @property
+    def xp(self) -> ModuleType | None:
+        """The array namespace of the parameters (None until created)."""
+        return None if self._placement is None else self._placement.xp
+
+    def _fresh_state(self, placement: _Placement) -> dict[str, Any]:
+        """Initial parameters and buffers (weight 1, bias 0, mean 0, var 1, count 0)."""
+        xp, dev, dtype = placement
+        shape = (self.num_features,)
+        state: dict[str, Any] = {}
+        try:
+            if self.affine:
+                state["weight"] = as_parameter(xp, xp.ones(shape, dtype=dtype, device=dev))
+                state["bias"] = as_parameter(xp, xp.zeros(shape, dtype=dtype, device=dev))
+            if self.track_running_stats:
+                state["running_mean"] = xp.zeros(shape, dtype=dtype, device=dev)
+                state["running_var"] = xp.ones(shape, dtype=dtype, device=dev)
+                state["num_batches_tracked"] = xp.asarray(0, dtype=default_integer_dtype(xp, dev), device=dev)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"cannot create parameters on device={dev!r}: {exc}") from None
+        return state
+
+    def _bind(self, placement: _Placement, state: Mapping[str, Any]) -> None:
+        """Commit: the only place module state changes."""
+        self._placement = placement
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def _expected_keys(self) -> list[str]:
+        keys = ["weight", "bias"] if self.affine else []
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and buffers under PyTorch's keys, in PyTorch's order.
+
+        Returns
+        -------
+        dict
+            ``weight``, ``bias`` (if affine), ``running_mean``, ``running_var``,
+            ``num_batches_tracked`` (if tracking), skipping entries that are
+            None; empty before the parameters exist. Values are detached from
+            autograd. The module never writes into them.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np)
+        >>> list(bn.state_dict())
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+        """
+        if self._placement is None:
+            return {}
+        xp = self._placement.xp
+        return {key: detach(xp, getattr(self, key)) for key in _STATE if getattr(self, key) is not None}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Load parameters and buffers from arrays of any supported library.
+
+        Values are copied into the module's library, device and dtype (DLPack
+        where possible, else a host copy), so a PyTorch checkpoint runs in a
+        NumPy, CuPy or JAX module. A module created with ``xp=None`` and no
+        parameters yet adopts the library and device of the first array in
+        ``state_dict`` (and its floating dtype, unless ``dtype`` was given).
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys as in :meth:`state_dict`. A missing ``num_batches_tracked``
+            is tolerated, as PyTorch does for old checkpoints.
+        strict : bool
+            If True, missing or unexpected keys raise ValueError.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np)
+        >>> bn.load_state_dict({"weight": [2.0, 3.0], "bias": [0.0, 1.0],
+        ...                     "running_mean": [0.5, 0.5], "running_var": [4.0, 4.0]})
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        >>> bn.weight
+        array([2., 3.], dtype=float32)
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        strict = _validate.flag(strict, "strict")
+        expected = self._expected_keys()
+        missing = [key for key in expected if key not in state_dict and key != "num_batches_tracked"]
+        unexpected = [key for key in state_dict if key not in expected]
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"state_dict does not match {type(self).__name__}(affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}): missing keys {missing}, unexpected keys {unexpected}"
+            )
+        placement = self._placement or self._placement_from_state(state_dict, expected)
+        state = {} if self._placement is not None else self._fresh_state(placement)
+        for key in expected:
+            if key in state_dict:
+                state[key] = self._converted(key, state_dict[key], placement)
+        self._bind(placement, state)
+        return IncompatibleKeys(missing, unexpected)
+
+    def _placement_from_state(self, state_dict: Mapping[str, Any], keys: list[str]) -> _Placement:
+        import numpy as np
+
+        xp: ModuleType | None = None
+        dev: Any = None
+        dtype: Any = None
+        for key in keys:
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            try:
+                xp = namespace_of(value, key)
+                dev = device(value)
+            except TypeError:
+                xp = namespace_of(np.asarray(value), key)
+                value = xp.asarray(value)
+            if key != "num_batches_tracked" and _validate.is_real_floating(xp, value.dtype):
+                dtype = value.dtype
+            break
+        if xp is None:
+            raise ValueError("state_dict holds no array to take the library from; construct the module with xp=")
+        return _Placement(xp, dev, _resolve_dtype(xp, self._dtype_request, default=dtype or xp.float32))
+
+    def _converted(self, key: str, value: Any, placement: _Placement) -> Any:
+        xp, dev, dtype = placement
+        is_counter = key == "num_batches_tracked"
+        target = default_integer_dtype(xp, dev) if is_counter else dtype
+        try:
+            out = convert_array(value, xp, dev, target)
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise TypeError(f"state_dict[{key!r}] cannot be converted to a {xp.__name__} array: {exc}") from None
+        shape = () if is_counter else (self.num_features,)
+        if tuple(out.shape) != shape:
+            raise ValueError(f"state_dict[{key!r}] must have shape {shape}, got {tuple(out.shape)}")
+        return as_parameter(xp, out) if key in ("weight", "bias") else out
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, counter 0 (if tracking).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np)
+        >>> _ = bn(np.array([[0.0, 1.0], [2.0, 5.0]], dtype=np.float32))
+        >>> bn.reset_running_stats(); bn.running_mean
+        array([0., 0.], dtype=float32)
+        """
+        if self._placement is not None and self.track_running_stats:
+            fresh = self._fresh_state(self._placement)
+            self._bind(self._placement, {key: fresh[key] for key in _STATE[2:]})
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and set weight to 1 and bias to 0.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np)
+        >>> bn.weight = np.array([3.0, 4.0], dtype=np.float32)
+        >>> bn.reset_parameters(); bn.weight
+        array([1., 1.], dtype=float32)
+        """
+        if self._placement is not None:
+            self._bind(self._placement, self._fresh_state(self._placement))
+
+    # ------------------------------------------------------------------ mode
+    def train(self, mode: bool = True) -> _BatchNorm:
+        """Set training mode (batch statistics, running update); returns self."""
+        self.training = _validate.flag(mode, "mode")
+        return self
+
+    def eval(self) -> _BatchNorm:
+        """Set evaluation mode (running statistics); returns self."""
+        return self.train(False)
+
+    # --------------------------------------------------------------- forward
+    def __call__(self, x: Any) -> Any:
+        xp = _validate.input_array(x)
+        if x.ndim not in self._ranks:
+            expected = " or ".join(f"{rank}D" for rank in self._ranks)
+            raise ValueError(f"expected {expected} input (got {x.ndim}D input)")
+        recipe = _validate.recipe_for(x, self.axis)
+        if recipe.num_channels != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels along axis "
+                f"{self.axis}, got input of shape {tuple(x.shape)}"
+            )
+        if self._placement is None:
+            default = x.dtype if x.dtype in (xp.float32, xp.float64) else xp.float32
+            placement = _Placement(xp, device(x), _resolve_dtype(xp, self._dtype_request, default=default))
+            state = self._fresh_state(placement)
+        else:
+            placement = self._placement
+            state = {key: getattr(self, key) for key in _STATE}
+        running_mean, running_var = state.get("running_mean"), state.get("running_var")
+        counter = state.get("num_batches_tracked")
+
+        # PyTorch's _BatchNorm.forward, with the counter bump deferred to the commit.
+        factor: Any = 0.0 if self.momentum is None else self.momentum
+        updating = self.training and self.track_running_stats
+        if updating and counter is not None:
+            counter = xp.asarray(counter + 1)  # asarray: NumPy turns 0-d arithmetic into a scalar
+            if self.momentum is None:  # cumulative moving average, as an array: no host sync
+                factor = 1.0 / xp.astype(counter, _agnostic.compute_dtype(xp, x.dtype))
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        result = forward(
+            xp,
+            x,
+            running_mean,
+            running_var,
+            state.get("weight"),
+            state.get("bias"),
+            training=use_batch_stats,
+            factor=factor,
+            eps=self.eps,
+            axis=self.axis,
+        )
+        if updating:
+            state.update(running_mean=result.running_mean, running_var=result.running_var, num_batches_tracked=counter)
+        self._bind(placement, state)
+        return result.output
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats})"
+        )
+
+
+def _resolve_dtype(xp: ModuleType, dtype: Any, *, default: Any) -> Any:
+    """A floating dtype of ``xp`` from a dtype object, a name, or the default."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, str):
+        resolved = getattr(xp, dtype, None)
+        if resolved is None:
+            raise TypeError(f"dtype {dtype!r} is not a dtype of {xp.__name__}")
+        dtype = resolved
+    if not _validate.is_real_floating(xp, dtype):
+        raise TypeError(f"dtype must be a real floating dtype of {xp.__name__}, got {dtype!r}")
+    return dtype
+
+
+_PARAMETERS_DOC = """
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float
+        Added to the variance before the square root.
+    momentum : float or None
+        Weight of the new batch in the running update; None for a cumulative
+        average (1 / num_batches_tracked).
+    affine : bool
+        Learnable ``weight`` (init 1) and ``bias`` (init 0).
+    track_running_stats : bool
+        Keep ``running_mean`` (init 0), ``running_var`` (init 1) and
+        ``num_batches_tracked`` (init 0). Without them, batch statistics are
+        used in training and eval alike.
+    axis : int, keyword-only
+        Channel axis: 1 (PyTorch's layout) or, e.g., -1 for channels-last.
+    xp : array library, keyword-only
+        ``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``dask.array``,
+        ``array_api_strict`` or a compat namespace. If given, the parameters
+        are created now on ``device`` with ``dtype`` (default float32). If
+        None, they are created at the first call (or first
+        :meth:`load_state_dict`) in the input's library, on its device, with
+        ``dtype`` or else the input's dtype (float32 for float16/bfloat16 input).
+    device : device, keyword-only
+        Where to create the parameters (needs ``xp``).
+    dtype : dtype or str, keyword-only
+        Real floating dtype of the parameters and buffers.
+
+    Attributes
+    ----------
+    weight, bias : array or None
+        Affine parameters (torch: leaf tensors that require grad).
+    running_mean, running_var : array or None
+        Running statistics; ``running_var`` is the unbiased estimate, as PyTorch.
+    num_batches_tracked : array or None
+        0-d integer counter of training calls.
+    training : bool
+        True after :meth:`train`, False after :meth:`eval`.
+
+    Notes
+    -----
+    Calling the module follows ``torch.nn.modules.batchnorm._BatchNorm.forward``
+    exactly. State is rebound, never written in place, and only after the call
+    succeeded: a call that raises leaves every attribute as it was. Unlike
+    PyTorch, an input whose channel count differs from ``num_features`` is
+    always rejected, even when the module has no parameters.
+"""
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = (
+        """Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input,
+    as ``torch.nn.BatchNorm1d``, on any array-API library.
+    """
+        + _PARAMETERS_DOC
+        + """
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> bn = pbn.BatchNorm1d(2)
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> bn(x)
+    array([[-0.99999 , -1.      ],
+           [ 0.99999 ,  1.      ]])
+    >>> bn.running_mean, bn.running_var
+    (array([0.2, 2. ]), array([ 1.1, 20.9]))
+    """
+    )
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    __doc__ = (
+        """Batch normalization over a 4D ``(N, C, H, W)`` input, as
+    ``torch.nn.BatchNorm2d``, on any array-API library.
+    """
+        + _PARAMETERS_DOC
+        + """
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> bn = pbn.BatchNorm2d(3, xp=np, dtype="float64")
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, size=(8, 3, 4, 4))
+    >>> y = bn(x)
+    >>> bool(np.allclose(y.mean(axis=(0, 2, 3)), 0.0))
+    True
+    >>> int(bn.num_batches_tracked)
+    1
+    >>> y_eval = bn.eval()(x)   # now normalized with the running statistics
+    """
+    )
+    _ranks = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    __doc__ = (
+        """Batch normalization over a 5D ``(N, C, D, H, W)`` input, as
+    ``torch.nn.BatchNorm3d``, on any array-API library.
+    """
+        + _PARAMETERS_DOC
+        + """
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> bn = pbn.BatchNorm3d(4, momentum=None, xp=np)
+    >>> x = np.ones((2, 4, 3, 3, 3), dtype=np.float32)
+    >>> bn(x).shape
+    (2, 4, 3, 3, 3)
+    >>> bn.running_mean          # cumulative average after one batch
+    array([1., 1., 1., 1.], dtype=float32)
+    """
+    )
+    _ranks = (5,)

@@ -1,0 +1,36 @@
+"""Shape-only recipes, computed once per (shape, axis) and cached (as einops does)."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import NamedTuple
+
+
+class Recipe(NamedTuple):
+    """What a batch-norm call needs to know about the input's shape."""
+
+    channel_axis: int
+    """Channel axis, normalized to ``0 <= channel_axis < ndim``."""
+    num_channels: int
+    """C: the length of the channel axis."""
+    reduce_axes: tuple[int, ...]
+    """Every axis but the channel axis."""
+    param_shape: tuple[int, ...]
+    """Shape that broadcasts a per-channel vector against the input."""
+    count: int
+    """n: elements per channel (numel / C)."""
+
+
+@lru_cache(maxsize=256)
+def make_recipe(shape: tuple[int, ...], axis: int) -> Recipe:
+    """Build the recipe for an input of ``shape`` whose channel axis is ``axis``.
+
+    ``shape`` must be fully known and ``axis`` already validated.
+    """
+    ndim = len(shape)
+    channel_axis = axis % ndim
+    reduce_axes = tuple(i for i in range(ndim) if i != channel_axis)
+    param_shape = tuple(shape[i] if i == channel_axis else 1 for i in range(ndim))
+    count = math.prod(shape[i] for i in reduce_axes)
+    return Recipe(channel_axis, shape[channel_axis], reduce_axes, param_shape, count)

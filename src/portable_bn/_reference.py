@@ -1,0 +1,135 @@
+"""The NumPy float64 reference of PyTorch's batch-norm rules.
+
+Written independently of the implementation (channel moved first, plain
+loops over steps, no recipe, no namespace) so the two can check each other.
+The test suite checks this reference itself against ``torch.nn.BatchNorm*d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def _channels_first(x: np.ndarray, axis: int) -> np.ndarray:
+    """(C, n) float64 view of the input, channel axis first."""
+    moved = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _to_input_layout(flat: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    moved_shape = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    return np.moveaxis(flat.reshape(moved_shape), 0, axis)
+
+
+def reference_batch_norm(
+    x: Any,
+    running_mean: Any = None,
+    running_var: Any = None,
+    weight: Any = None,
+    bias: Any = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> dict[str, np.ndarray | None]:
+    """``F.batch_norm`` in float64; returns output, new running stats, mean, invstd."""
+    x = np.asarray(x, dtype=np.float64)
+    flat = _channels_first(x, axis)
+    channels, n = flat.shape
+    w = np.ones(channels) if weight is None else np.asarray(weight, dtype=np.float64)
+    b = np.zeros(channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    rm = None if running_mean is None else np.asarray(running_mean, dtype=np.float64)
+    rv = None if running_var is None else np.asarray(running_var, dtype=np.float64)
+    if training:
+        if n == 0:
+            mean = np.full(channels, np.nan)
+            var = np.full(channels, np.nan)
+        else:
+            mean = flat.sum(axis=1) / n
+            var = ((flat - mean[:, None]) ** 2).sum(axis=1) / n
+            if rm is not None and rv is not None:
+                rm = (1 - momentum) * rm + momentum * mean
+                rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
+    else:
+        assert rm is not None and rv is not None
+        mean, var = rm, rv
+    invstd = 1.0 / np.sqrt(var + eps)
+    out = (flat - mean[:, None]) * invstd[:, None] * w[:, None] + b[:, None]
+    return {
+        "output": _to_input_layout(out, x.shape, axis),
+        "running_mean": rm,
+        "running_var": rv,
+        "mean": mean,
+        "invstd": invstd,
+    }
+
+
+def reference_backward(
+    grad_output: Any, x: Any, weight: Any, mean: Any, invstd: Any, *, training: bool, axis: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of the reference forward (semantics.md, "Backward") in float64."""
+    g = _channels_first(grad_output, axis)
+    flat = _channels_first(x, axis)
+    channels, n = flat.shape
+    w = np.ones(channels) if weight is None else np.asarray(weight, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    invstd = np.asarray(invstd, dtype=np.float64)
+    xhat = (flat - mean[:, None]) * invstd[:, None]
+    grad_bias = g.sum(axis=1)
+    grad_weight = (g * xhat).sum(axis=1)
+    if training and n > 0:
+        gi = (w * invstd)[:, None] * (g - grad_bias[:, None] / n - xhat * grad_weight[:, None] / n)
+    else:
+        gi = g * (w * invstd)[:, None]
+    return _to_input_layout(gi, np.shape(x), axis), grad_weight, grad_bias
+
+
+@dataclass
+class ReferenceModule:
+    """``torch.nn.BatchNorm*d`` state machine in float64 (rank checks aside)."""
+
+    num_features: int
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    axis: int = 1
+    training: bool = True
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = self.num_features
+        if self.affine:
+            self.state.update(weight=np.ones(c), bias=np.zeros(c))
+        if self.track_running_stats:
+            self.state.update(running_mean=np.zeros(c), running_var=np.ones(c), num_batches_tracked=0)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.state["num_batches_tracked"] += 1
+            if self.momentum is None:
+                factor = 1.0 / self.state["num_batches_tracked"]
+        rm = self.state.get("running_mean")
+        rv = self.state.get("running_var")
+        use_batch = self.training or (rm is None and rv is None)
+        result = reference_batch_norm(
+            x,
+            rm,
+            rv,
+            self.state.get("weight"),
+            self.state.get("bias"),
+            training=use_batch,
+            momentum=factor,
+            eps=self.eps,
+            axis=self.axis,
+        )
+        if self.training and self.track_running_stats:
+            self.state.update(running_mean=result["running_mean"], running_var=result["running_var"])
+        out = result["output"]
+        assert out is not None
+        return out

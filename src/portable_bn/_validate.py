@@ -1,0 +1,107 @@
+"""Argument checks shared by the functions and the modules.
+
+Every check looks at types, shapes, dtypes and devices only -- never at
+values -- so it is free under ``jax.jit`` and never computes a Dask graph.
+Messages name the argument, what was expected and what was got.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import ModuleType
+from typing import Any
+
+from ._compat import describe_namespace, device, devices_differ, namespace_of
+from ._recipe import Recipe, make_recipe
+
+
+def real_number(value: Any, name: str) -> float:
+    """A finite real scalar as a Python float (never a NumPy scalar)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {result}")
+    return result
+
+
+def epsilon(value: Any, *, training: bool) -> float:
+    """eps > 0 in training (the batch variance can be 0), eps >= 0 in eval."""
+    eps = real_number(value, "eps")
+    if training and eps <= 0.0:
+        raise ValueError(f"eps must be > 0 in training, got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def is_real_floating(xp: ModuleType, dtype: Any) -> bool:
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except (TypeError, ValueError):
+        return False
+
+
+def input_array(x: Any, name: str = "x") -> ModuleType:
+    """The input: an array of a supported library, real floating, rank >= 2,
+    with a fully known shape. Returns its namespace."""
+    xp = namespace_of(x, name)
+    if not is_real_floating(xp, x.dtype):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
+    unknown = [i for i, size in enumerate(x.shape) if size is None or (isinstance(size, float) and math.isnan(size))]
+    if unknown:
+        raise ValueError(
+            f"{name} has unknown size along axis {unknown} (shape {tuple(x.shape)}); batch norm needs every "
+            "size to compute n. For Dask, call x.compute_chunk_sizes() first."
+        )
+    return xp
+
+
+def recipe_for(x: Any, axis: Any) -> Recipe:
+    """Validate the channel axis against ``x`` and return the cached recipe."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+    axis = int(axis)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must be in [-{x.ndim}, {x.ndim}) for a {x.ndim}-D input, got {axis}")
+    return make_recipe(tuple(int(size) for size in x.shape), axis)
+
+
+def same_library_and_device(xp: ModuleType, x: Any, value: Any, name: str, x_name: str = "x") -> None:
+    other = namespace_of(value, name)
+    if other is not xp:
+        raise TypeError(
+            f"{name} is a {describe_namespace(other)} array but {x_name} is a {describe_namespace(xp)} array; "
+            "pass arrays of one library (convert with load_state_dict or the library's from_dlpack)"
+        )
+    if devices_differ(value, x):
+        raise ValueError(f"{name} is on device {device(value)} but {x_name} is on device {device(x)}")
+
+
+def per_channel(xp: ModuleType, x: Any, value: Any, name: str, recipe: Recipe) -> None:
+    """A per-channel vector: same library and device as ``x``, shape (C,), real
+    floating, with ``x``'s dtype -- or float32 for float16/bfloat16 ``x``
+    (PyTorch's mixed-precision rule)."""
+    same_library_and_device(xp, x, value, name)
+    if not is_real_floating(xp, value.dtype):
+        raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
+    if tuple(value.shape) != (recipe.num_channels,):
+        raise ValueError(
+            f"{name} must have shape ({recipe.num_channels},), one value per channel of x along axis "
+            f"{recipe.channel_axis}, got shape {tuple(value.shape)}"
+        )
+    half_input = x.dtype != xp.float32 and x.dtype != xp.float64
+    if value.dtype != x.dtype and not (half_input and value.dtype == xp.float32):
+        allowed = f"{x.dtype} or float32" if half_input else f"{x.dtype}"
+        raise TypeError(f"{name} must have dtype {allowed} to match x, got {value.dtype}")
