@@ -97,12 +97,12 @@ def batch_norm(
     >>> x = np.arange(12.0).reshape(2, 3, 2)
     >>> r = pbn.batch_norm(x, np.zeros(3), np.ones(3), training=True)
     >>> r.output[:, 0].round(4)
-    array([[-1.0847, -0.8452],
-           [ 0.8452,  1.0847]])
-    >>> r.running_mean
-    array([0.45, 0.65, 0.85])
+    array([[-1.1508, -0.822 ],
+           [ 0.822 ,  1.1508]])
     >>> r.mean
-    array([4.5, 6.5, 8.5])
+    array([3.5, 5.5, 7.5])
+    >>> r.running_mean          # 0.9 * 0 + 0.1 * mean
+    array([0.35, 0.55, 0.75])
     """
     xp = _validate.input_array(x)
     training = _validate.flag(training, "training")

@@ -402,9 +402,9 @@ class BatchNorm1d(_BatchNorm):
     >>> import portable_bn as pbn
     >>> bn = pbn.BatchNorm1d(2)
     >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
-    >>> bn(x)
-    array([[-0.99999 , -1.      ],
-           [ 0.99999 ,  1.      ]])
+    >>> bn(x).round(4)       # (x - mean) / sqrt(var + eps)
+    array([[-1., -1.],
+           [ 1.,  1.]])
     >>> bn.running_mean, bn.running_var
     (array([0.2, 2. ]), array([ 1.1, 20.9]))
     """

@@ -1,0 +1,57 @@
+"""Sphinx configuration for portable_bn (offline: no intersphinx, built-in theme).
+
+Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``
+Doctests of the pages: ``python -m sphinx -b doctest docs docs/_build/doctest``
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import portable_bn  # noqa: E402
+
+project = "portable_bn"
+author = "portable_bn developers"
+copyright = "portable_bn developers"  # noqa: A001
+release = portable_bn.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.doctest",
+    "numpydoc",
+]
+
+templates_path = ["_templates"]
+exclude_patterns = ["_build"]
+root_doc = "index"
+
+# -- autodoc / autosummary ---------------------------------------------------
+autosummary_generate = True  # pages go to docs/generated (gitignored)
+autodoc_typehints = "none"  # signatures use Any / ModuleType; the docstrings carry the types
+autodoc_member_order = "bysource"
+add_module_names = False
+
+# -- numpydoc ----------------------------------------------------------------
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+
+# -- doctest (``-b doctest``) ------------------------------------------------
+doctest_global_setup = """
+import numpy as np
+import portable_bn as pbn
+"""
+
+# -- HTML ----------------------------------------------------------------------
+html_theme = "alabaster"
+html_theme_options = {
+    "description": "PyTorch-exact batch normalization on every array-API library",
+    "fixed_sidebar": True,
+}
+html_static_path: list[str] = []
+html_show_sourcelink = False

@@ -1,0 +1,63 @@
+"""Backend selection for the conformance suite.
+
+``PBN_BACKENDS`` (comma-separated) picks the backends; by default every CPU
+backend that is installed. A selected backend that is missing, or a GPU
+backend without a GPU, shows up as skipped tests saying why.
+
+Fixtures
+- ``combo``: every (backend, device, dtype), including value-less devices
+  (torch "meta").
+- ``vcombo``: the combinations that hold values (everything but "meta").
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from portable_bn import _backends
+
+
+def selected_backends() -> list[str]:
+    env = os.environ.get("PBN_BACKENDS", "").strip()
+    if not env:
+        return list(_backends.CPU_BACKENDS)
+    names = [name.strip() for name in env.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(_backends.ALL_BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"PBN_BACKENDS names unknown backends {unknown}; known: {_backends.ALL_BACKENDS}")
+    return names
+
+
+def _params(*, values_only: bool) -> list[object]:
+    params: list[object] = []
+    for name in selected_backends():
+        try:
+            combos = _backends.combinations(name)
+        except _backends.BackendUnavailable as why:
+            params.append(pytest.param(None, marks=pytest.mark.skip(reason=str(why)), id=name))
+            continue
+        params += [pytest.param(c, id=c.id) for c in combos if c.values or not values_only]
+    return params
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "combo" in metafunc.fixturenames:
+        metafunc.parametrize("combo", _params(values_only=False))
+    if "vcombo" in metafunc.fixturenames:
+        metafunc.parametrize("vcombo", _params(values_only=True))
+
+
+def require_backend(name: str) -> None:
+    """Skip unless ``name`` is selected and installed (for library-specific tests)."""
+    if name not in selected_backends():
+        pytest.skip(f"{name} not selected by PBN_BACKENDS")
+    try:
+        _backends.combinations(name)
+    except _backends.BackendUnavailable as why:
+        pytest.skip(str(why))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"portable_bn backends: {', '.join(selected_backends())}"
