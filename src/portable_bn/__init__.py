@@ -1,7 +1,5 @@
 """portable_bn: PyTorch-exact batch normalization on every array-API library."""
 
-from __future__ import annotations
-
 from ._functional import BatchNormResult, batch_norm, batch_norm_backward
 from ._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 

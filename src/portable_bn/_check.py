@@ -143,9 +143,10 @@ def _scenarios(combo: _backends.Combination) -> Iterator[tuple[str, float]]:
         yield from functional_scenario(combo, (4, 3, 5, 2), training=training, axis=-1)
 
 
-def check(backends: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+def check(backends: list[str] | None = None, out: TextIO | None = None) -> int:
     """Run the scenarios on every (backend, device, dtype); print a table; 0 if all pass."""
     names = backends or list(_backends.ALL_BACKENDS)
+    out = out or sys.stdout
     rows: list[tuple[str, str, str, str, str, str]] = []
     failed = False
     for backend in names:

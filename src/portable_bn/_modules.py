@@ -13,7 +13,16 @@ from types import ModuleType
 from typing import Any, ClassVar, NamedTuple
 
 from . import _agnostic, _validate
-from ._compat import as_parameter, convert_array, default_integer_dtype, detach, device, namespace_of, resolve_namespace
+from ._compat import (
+    as_parameter,
+    convert_array,
+    default_integer_dtype,
+    describe_namespace,
+    detach,
+    device,
+    namespace_of,
+    resolve_namespace,
+)
 from ._functional import forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
@@ -286,6 +295,7 @@ class _BatchNorm:
             state = self._fresh_state(placement)
         else:
             placement = self._placement
+            self._check_input_fits(xp, x, placement)
             state = {key: getattr(self, key) for key in _STATE}
         running_mean, running_var = state.get("running_mean"), state.get("running_var")
         counter = state.get("num_batches_tracked")
@@ -317,6 +327,21 @@ class _BatchNorm:
         self._bind(placement, state)
         return result.output
 
+    def _check_input_fits(self, xp: ModuleType, x: Any, placement: _Placement) -> None:
+        """Name the module, not one parameter, when the input does not fit it."""
+        name = type(self).__name__
+        if placement.xp is not xp:
+            raise TypeError(
+                f"{name} holds {describe_namespace(placement.xp)} arrays but x is a {describe_namespace(xp)} array; "
+                "move the state with load_state_dict into a module of x's library"
+            )
+        if not _validate.parameter_dtype_fits(xp, placement.dtype, x.dtype):
+            raise TypeError(
+                f"{name} holds {placement.dtype} parameters, so x must have dtype "
+                f"{_validate.allowed_parameter_dtypes(xp, placement.dtype)}"
+                f"{' (or float16/bfloat16)' if placement.dtype == xp.float32 else ''}, got {x.dtype}"
+            )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -335,7 +360,7 @@ def _resolve_dtype(xp: ModuleType, dtype: Any, *, default: Any) -> Any:
         dtype = resolved
     if not _validate.is_real_floating(xp, dtype):
         raise TypeError(f"dtype must be a real floating dtype of {xp.__name__}, got {dtype!r}")
-    return dtype
+    return xp.empty((0,), dtype=dtype).dtype  # canonical object: np.float64 -> dtype('float64')
 
 
 _PARAMETERS_DOC = """

@@ -101,7 +101,18 @@ def per_channel(xp: ModuleType, x: Any, value: Any, name: str, recipe: Recipe) -
             f"{name} must have shape ({recipe.num_channels},), one value per channel of x along axis "
             f"{recipe.channel_axis}, got shape {tuple(value.shape)}"
         )
-    half_input = x.dtype != xp.float32 and x.dtype != xp.float64
-    if value.dtype != x.dtype and not (half_input and value.dtype == xp.float32):
-        allowed = f"{x.dtype} or float32" if half_input else f"{x.dtype}"
-        raise TypeError(f"{name} must have dtype {allowed} to match x, got {value.dtype}")
+    if not parameter_dtype_fits(xp, value.dtype, x.dtype):
+        raise TypeError(f"{name} must have dtype {allowed_parameter_dtypes(xp, x.dtype)} to match x, got {value.dtype}")
+
+
+def _is_half(xp: ModuleType, dtype: Any) -> bool:
+    return bool(dtype != xp.float32 and dtype != xp.float64)
+
+
+def parameter_dtype_fits(xp: ModuleType, param_dtype: Any, x_dtype: Any) -> bool:
+    """Parameters have x's dtype, or float32 for float16/bfloat16 x (PyTorch's mixed rule)."""
+    return bool(param_dtype == x_dtype or (_is_half(xp, x_dtype) and param_dtype == xp.float32))
+
+
+def allowed_parameter_dtypes(xp: ModuleType, x_dtype: Any) -> str:
+    return f"{x_dtype} or float32" if _is_half(xp, x_dtype) else f"{x_dtype}"

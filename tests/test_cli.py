@@ -1,0 +1,43 @@
+"""python -m portable_bn check: a table and an exit status that can fail."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import portable_bn._check as check_module
+from portable_bn.__main__ import main
+
+
+def test_check_passes_on_numpy(capsys):
+    assert main(["check", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["backend", "device", "dtype", "max", "error", "tolerance", "result"]
+    assert sum(line.startswith("numpy") and line.rstrip().endswith("PASS") for line in lines) == 3
+    assert lines[-1] == "all passed"
+
+
+def test_check_fails_when_accuracy_is_not_met(monkeypatch):
+    monkeypatch.setattr(check_module, "tolerance", lambda name: 0.0)
+    out = io.StringIO()
+    assert check_module.check(["numpy"], out=out) == 1
+    assert "FAIL" in out.getvalue() and out.getvalue().rstrip().endswith("FAILED")
+
+
+def test_check_reports_missing_backends_as_skipped(monkeypatch):
+    def unavailable(name):
+        raise check_module._backends.BackendUnavailable(f"{name}: not installed (test)")
+
+    monkeypatch.setattr(check_module._backends, "combinations", unavailable)
+    out = io.StringIO()
+    assert check_module.check(["cupy"], out=out) == 0
+    assert "skipped: cupy: not installed (test)" in out.getvalue()
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "portable_bn", "check", "--backend", "numpy"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "all passed" in done.stdout

@@ -1,0 +1,41 @@
+"""__all__ is honest and every public name is documented with an example."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import portable_bn as pbn
+
+PUBLIC = [name for name in pbn.__all__ if name != "__version__"]
+
+
+def test_all_lists_exactly_the_public_names():
+    exported = {name for name in dir(pbn) if not name.startswith("_") and not inspect.ismodule(getattr(pbn, name))}
+    assert exported == set(PUBLIC)
+    assert isinstance(pbn.__version__, str)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_names_have_numpydoc_docstrings_with_examples(name):
+    doc = inspect.getdoc(getattr(pbn, name)) or ""
+    assert doc.splitlines()[0].strip(), name
+    if name not in ("BatchNormResult", "IncompatibleKeys"):
+        assert "Examples\n--------\n>>> " in doc, f"{name} has no runnable example"
+        assert "Parameters\n----------" in doc, name
+
+
+@pytest.mark.parametrize("method", ["state_dict", "load_state_dict", "reset_parameters", "reset_running_stats"])
+def test_module_methods_have_examples(method):
+    doc = inspect.getdoc(getattr(pbn.BatchNorm2d, method)) or ""
+    assert "Examples\n--------\n>>> " in doc
+
+
+def test_functions_take_options_by_keyword_only():
+    for func, keyword_only in [
+        (pbn.batch_norm, {"training", "momentum", "eps", "axis"}),
+        (pbn.batch_norm_backward, {"training", "axis"}),
+    ]:
+        params = inspect.signature(func).parameters
+        assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == keyword_only
