@@ -37,7 +37,11 @@ def test_check_reports_missing_backends_as_skipped(monkeypatch):
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "portable_bn", "check", "--backend", "numpy"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "portable_bn", "check", "--backend", "numpy"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "all passed" in done.stdout

@@ -22,7 +22,9 @@ def assert_within(errors, dtype_name):
 @pytest.mark.parametrize("kind", list(MODULE_SHAPES))
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
 @pytest.mark.parametrize(
-    ("affine", "track"), [(True, True), (False, True), (True, False), (False, False)], ids=["aT-tT", "aF-tT", "aT-tF", "aF-tF"]
+    ("affine", "track"),
+    [(True, True), (False, True), (True, False), (False, False)],
+    ids=["aT-tT", "aF-tT", "aT-tF", "aF-tF"],
 )
 def test_module_steps_match_reference(vcombo, kind, momentum, affine, track):
     checked = assert_within(
@@ -44,7 +46,14 @@ def test_module_channels_last_matches_reference(vcombo, kind):
 @pytest.mark.parametrize(
     ("training", "affine", "running"),
     # eval without running statistics is an error (test_errors)
-    [(True, True, True), (True, False, True), (True, True, False), (True, False, False), (False, True, True), (False, False, True)],
+    [
+        (True, True, True),
+        (True, False, True),
+        (True, True, False),
+        (True, False, False),
+        (False, True, True),
+        (False, False, True),
+    ],
     ids=["train-aff-run", "train-run", "train-aff", "train", "eval-aff-run", "eval-run"],
 )
 def test_functional_matches_reference(vcombo, shape, axis, training, affine, running):

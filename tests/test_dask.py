@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
+from conftest import require_backend
 from portable_bn._check import sample
 from portable_bn._reference import reference_batch_norm
-
-from conftest import require_backend
 
 
 @pytest.fixture

@@ -32,7 +32,11 @@ X = sample((4, 3, 5), seed=0)
         ({"running_mean": _vec(), "running_var": np.ones((3, 1))}, ValueError, r"running_var must have shape \(3,\)"),
         ({"weight": np.ones(3, dtype=np.int32)}, TypeError, r"weight must have a real floating dtype, got int32"),
         ({"weight": _vec(dtype=np.float32)}, TypeError, r"weight must have dtype float64 to match x, got float32"),
-        ({"running_mean": _vec()}, ValueError, r"running_mean and running_var must be given together, got only running_mean"),
+        (
+            {"running_mean": _vec()},
+            ValueError,
+            r"running_mean and running_var must be given together, got only running_mean",
+        ),
         ({"running_var": _vec()}, ValueError, r"got only running_var"),
         ({"eps": 0.0}, ValueError, r"eps must be > 0 in training, got 0.0"),
         ({"eps": -1e-5, "training": False}, ValueError, r"eps must be >= 0, got -1e-05"),
@@ -41,7 +45,11 @@ X = sample((4, 3, 5), seed=0)
         ({"momentum": None}, TypeError, r"momentum must be a real number, got NoneType"),
         ({"momentum": float("inf")}, ValueError, r"momentum must be finite"),
         ({"training": 1}, TypeError, r"training must be True or False, got int"),
-        ({"x": X[:1, :, :1]}, ValueError, r"Expected more than 1 value per channel when training, got input size \(1, 3, 1\)"),
+        (
+            {"x": X[:1, :, :1]},
+            ValueError,
+            r"Expected more than 1 value per channel when training, got input size \(1, 3, 1\)",
+        ),
         ({"training": False}, ValueError, r"running_mean and running_var are required when training=False"),
     ],
 )
@@ -111,8 +119,9 @@ def test_channel_errors_on_every_backend(vcombo):
 def test_backward_rejects(kwargs, error, match):
     args = {"grad_output": X, "x": X, "weight": None, "mean": _vec(), "invstd": _vec(), **kwargs}
     with pytest.raises(error, match=match):
-        pbn.batch_norm_backward(args.pop("grad_output"), args.pop("x"), args.pop("weight"), args.pop("mean"),
-                                args.pop("invstd"), **args)
+        pbn.batch_norm_backward(
+            args.pop("grad_output"), args.pop("x"), args.pop("weight"), args.pop("mean"), args.pop("invstd"), **args
+        )
 
 
 def test_backward_mixed_libraries():
@@ -142,7 +151,12 @@ def _assert_unchanged(module, snapshot):
         (pbn.BatchNorm1d, np.ones((4, 5)), ValueError, r"BatchNorm1d\(3\) expects 3 channels along axis 1"),
         (pbn.BatchNorm1d, np.ones((1, 3)), ValueError, r"Expected more than 1 value per channel when training"),
         (pbn.BatchNorm1d, np.ones((4, 3), dtype=np.int16), TypeError, r"x must have a real floating dtype"),
-        (pbn.BatchNorm1d, np.ones((4, 3), dtype=np.float32), TypeError, r"BatchNorm1d holds float64 parameters, so x must have dtype float64, got float32"),
+        (
+            pbn.BatchNorm1d,
+            np.ones((4, 3), dtype=np.float32),
+            TypeError,
+            r"BatchNorm1d holds float64 parameters, so x must have dtype float64, got float32",
+        ),
     ],
 )
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -91,7 +91,9 @@ def test_strict_and_non_strict_loading():
     module = pbn.BatchNorm1d(3, xp=np, dtype=np.float64)
     before = dict(vars(module))
     partial = {"weight": STATE["weight"], "extra": np.ones(3)}
-    with pytest.raises(ValueError, match=r"missing keys \['bias', 'running_mean', 'running_var'\], unexpected keys \['extra'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing keys \['bias', 'running_mean', 'running_var'\], unexpected keys \['extra'\]"
+    ):
         module.load_state_dict(partial)
     assert all(vars(module)[k] is v for k, v in before.items())
     result = module.load_state_dict(partial, strict=False)

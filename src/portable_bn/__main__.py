@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="compare every installed backend and device with the float64 reference of PyTorch's rules"
     )
     check.add_argument(
-        "--backend", action="append", choices=_backends.ALL_BACKENDS,
+        "--backend",
+        action="append",
+        choices=_backends.ALL_BACKENDS,
         help="limit to this backend (repeatable); default: all, skipping those not installed",
     )
     args = parser.parse_args(argv)

@@ -20,8 +20,8 @@ class Statistics(NamedTuple):
 
     mean: Any
     invstd: Any
-    batch_var: Any | None
-    """Biased batch variance (training only), for the running update."""
+    batch_var: Any
+    """Biased batch variance (training; None in eval), for the running update."""
 
 
 def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
@@ -40,7 +40,7 @@ def _channel(xp: ModuleType, vector: Any, recipe: Recipe, dtype: Any) -> Any:
 def batch_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Any]:
     """Two-pass batch mean and biased variance; returns the centered input too,
     so normalization reuses it instead of subtracting the mean a second time."""
-    if recipe.count == 0:
+    if recipe.count_per_channel == 0:
         # An empty batch has no statistics: NaN, as NumPy's mean of nothing, but
         # without its warning. The running update is skipped by the caller.
         nan = xp.full((recipe.num_channels,), math.nan, dtype=x_compute.dtype, device=device(x_compute))
@@ -76,7 +76,8 @@ def updated_running_stats(
     xp: ModuleType,
     running_mean: Any,
     running_var: Any,
-    stats: Statistics,
+    batch_mean: Any,
+    batch_var: Any,
     recipe: Recipe,
     factor: Any,
 ) -> tuple[Any, Any]:
@@ -85,12 +86,12 @@ def updated_running_stats(
     ``factor`` is a Python float (momentum) or a 0-d array (the cumulative
     average 1 / num_batches_tracked of a module with ``momentum=None``).
     """
-    if recipe.count == 0:  # empty batch: statistics unchanged (PyTorch)
+    if recipe.count_per_channel == 0:  # empty batch: statistics unchanged (PyTorch)
         return running_mean, running_var
-    dtype = stats.mean.dtype
-    unbiased_var = stats.batch_var * (recipe.count / (recipe.count - 1))
+    dtype = batch_mean.dtype
+    unbiased_var = batch_var * (recipe.count_per_channel / (recipe.count_per_channel - 1))
     keep = 1.0 - factor
-    new_mean = keep * xp.astype(running_mean, dtype, copy=False) + factor * stats.mean
+    new_mean = keep * xp.astype(running_mean, dtype, copy=False) + factor * batch_mean
     new_var = keep * xp.astype(running_var, dtype, copy=False) + factor * unbiased_var
     return (
         xp.astype(new_mean, running_mean.dtype, copy=False),
@@ -122,9 +123,11 @@ def backward(
     invstd_c = xp.astype(invstd, dtype, copy=False)
     scale = invstd_c if weight is None else invstd_c * xp.astype(weight, dtype, copy=False)
     if training:
-        count = max(recipe.count, 1)  # n = 0: every sum is 0 and grad_input is empty
-        grad = grad - xp.reshape(grad_bias / count, recipe.param_shape) - xhat * xp.reshape(
-            grad_weight / count, recipe.param_shape
+        count = max(recipe.count_per_channel, 1)  # n = 0: every sum is 0 and grad_input is empty
+        grad = (
+            grad
+            - xp.reshape(grad_bias / count, recipe.param_shape)
+            - xhat * xp.reshape(grad_weight / count, recipe.param_shape)
         )
     grad_input = grad * xp.reshape(scale, recipe.param_shape)
     param_dtype = dtype if weight is None else weight.dtype

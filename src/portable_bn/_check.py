@@ -58,11 +58,18 @@ def module_scenario(
         shape = tuple(np.moveaxis(np.empty(shape), 1, axis).shape)
     channels = shape[axis]
     module = cls(
-        channels, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
-        axis=axis, xp=combo.library, device=combo.device, dtype=_param_dtype(combo),
+        channels,
+        momentum=momentum,
+        affine=affine,
+        track_running_stats=track_running_stats,
+        axis=axis,
+        xp=combo.library,
+        device=combo.device,
+        dtype=_param_dtype(combo),
     )
-    reference = ReferenceModule(channels, momentum=momentum, affine=affine,
-                                track_running_stats=track_running_stats, axis=axis)
+    reference = ReferenceModule(
+        channels, momentum=momentum, affine=affine, track_running_stats=track_running_stats, axis=axis
+    )
     if affine:  # non-trivial affine parameters, same in both
         rng = np.random.default_rng(seed + 100)
         weight, bias = rng.uniform(0.5, 2.0, channels), rng.normal(0.0, 1.0, channels)
@@ -126,8 +133,13 @@ def functional_scenario(
     grad = combo.asarray(grad_host)
     grads = batch_norm_backward(grad, x, arrays["weight"], result.mean, result.invstd, training=training, axis=axis)
     want_grads = reference_backward(
-        combo.to_numpy(grad), combo.to_numpy(x), host["weight"],
-        combo.to_numpy(result.mean), combo.to_numpy(result.invstd), training=training, axis=axis,
+        combo.to_numpy(grad),
+        combo.to_numpy(x),
+        host["weight"],
+        combo.to_numpy(result.mean),
+        combo.to_numpy(result.invstd),
+        training=training,
+        axis=axis,
     )
     for name, value, want in zip(("grad_input", "grad_weight", "grad_bias"), grads, want_grads, strict=True):
         yield name, max_error(combo.to_numpy(value), want)
@@ -167,7 +179,16 @@ def check(backends: list[str] | None = None, out: TextIO | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - report any crash as a failure row
                 status, shown = f"FAIL: {type(exc).__name__}: {exc}"[:80], "-"
             failed |= status.startswith("FAIL")
-            rows.append((backend, str(combo.device).replace("array_api_strict.", ""), combo.dtype_name, shown, f"{tol:.1e}", status))
+            rows.append(
+                (
+                    backend,
+                    str(combo.device).replace("array_api_strict.", ""),
+                    combo.dtype_name,
+                    shown,
+                    f"{tol:.1e}",
+                    status,
+                )
+            )
     header = ("backend", "device", "dtype", "max error", "tolerance", "result")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:

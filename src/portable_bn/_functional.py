@@ -130,9 +130,9 @@ def forward(
     if (running_mean is None) != (running_var is None):
         given = "running_mean" if running_var is None else "running_var"
         raise ValueError(f"running_mean and running_var must be given together, got only {given}")
-    if training and recipe.count == 1:
+    if training and recipe.count_per_channel == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(recipe_shape(x))}"
+            f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}"
         )
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
@@ -146,14 +146,19 @@ def forward(
         centered = x_compute - xp.reshape(stats.mean, recipe.param_shape)
     output = _agnostic.scale_and_shift(xp, centered, stats.invstd, weight, bias, recipe, x.dtype)
     if training and running_mean is not None:
-        detached = _agnostic.Statistics(detach(xp, stats.mean), stats.invstd, detach(xp, stats.batch_var))
         running_mean, running_var = _agnostic.updated_running_stats(
-            xp, detach(xp, running_mean), detach(xp, running_var), detached, recipe, factor
+            xp,
+            detach(xp, running_mean),
+            detach(xp, running_var),
+            detach(xp, stats.mean),
+            detach(xp, stats.batch_var),
+            recipe,
+            factor,
         )
     return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
 
 
-def recipe_shape(x: Any) -> tuple[int, ...]:
+def _shape_of(x: Any) -> tuple[int, ...]:
     return tuple(int(size) for size in x.shape)
 
 

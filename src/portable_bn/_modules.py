@@ -68,19 +68,19 @@ class _BatchNorm:
             raise ValueError(f"eps must be >= 0, got {eps_value}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
-        self.num_features = int(num_features)
-        self.eps = eps_value
-        self.momentum = None if momentum is None else _validate.real_number(momentum, "momentum")
-        self.affine = _validate.flag(affine, "affine")
-        self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
-        self.axis = int(axis)
-        self.training = True
+        self.num_features: int = int(num_features)
+        self.eps: float = eps_value
+        self.momentum: float | None = None if momentum is None else _validate.real_number(momentum, "momentum")
+        self.affine: bool = _validate.flag(affine, "affine")
+        self.track_running_stats: bool = _validate.flag(track_running_stats, "track_running_stats")
+        self.axis: int = int(axis)
+        self.training: bool = True
         self.weight: Any = None
         self.bias: Any = None
         self.running_mean: Any = None
         self.running_var: Any = None
         self.num_batches_tracked: Any = None
-        self._dtype_request = dtype
+        self._dtype_request: Any = dtype
         self._placement: _Placement | None = None
         if xp is not None:
             namespace = resolve_namespace(xp)

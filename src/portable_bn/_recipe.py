@@ -18,7 +18,7 @@ class Recipe(NamedTuple):
     """Every axis but the channel axis."""
     param_shape: tuple[int, ...]
     """Shape that broadcasts a per-channel vector against the input."""
-    count: int
+    count_per_channel: int
     """n: elements per channel (numel / C)."""
 
 
@@ -32,5 +32,5 @@ def make_recipe(shape: tuple[int, ...], axis: int) -> Recipe:
     channel_axis = axis % ndim
     reduce_axes = tuple(i for i in range(ndim) if i != channel_axis)
     param_shape = tuple(shape[i] if i == channel_axis else 1 for i in range(ndim))
-    count = math.prod(shape[i] for i in reduce_axes)
-    return Recipe(channel_axis, shape[channel_axis], reduce_axes, param_shape, count)
+    count_per_channel = math.prod(shape[i] for i in reduce_axes)
+    return Recipe(channel_axis, shape[channel_axis], reduce_axes, param_shape, count_per_channel)

@@ -20,7 +20,7 @@ def _channels_first(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _to_input_layout(flat: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
-    moved_shape = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    moved_shape = (shape[axis], *(s for i, s in enumerate(shape) if i != axis % len(shape)))
     return np.moveaxis(flat.reshape(moved_shape), 0, axis)
 
 
@@ -55,7 +55,8 @@ def reference_batch_norm(
                 rm = (1 - momentum) * rm + momentum * mean
                 rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
     else:
-        assert rm is not None and rv is not None
+        if rm is None or rv is None:
+            raise ValueError("eval needs running statistics")
         mean, var = rm, rv
     invstd = 1.0 / np.sqrt(var + eps)
     out = (flat - mean[:, None]) * invstd[:, None] * w[:, None] + b[:, None]

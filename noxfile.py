@@ -1,0 +1,84 @@
+"""nox sessions: the same conformance suite once per array backend, plus lint and docs.
+
+    nox                              # CPU matrix + lint + docs (what CI runs)
+    nox -s "tests(torch)"            # one backend
+    nox -s "tests(cupy)" "tests(torch_gpu)" "tests(jax_gpu)"   # on a GPU machine
+
+PyTorch: ``PBN_TORCH_REQUIREMENT`` (default ``torch==2.13.0``) and, where the
+default would resolve to a multi-GB CUDA build, ``PBN_TORCH_INDEX_URL``
+(e.g. https://download.pytorch.org/whl/cpu) pick the CPU build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
+GPU_BACKENDS = ["cupy", "torch_gpu", "jax_gpu"]
+nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lint", "docs"]
+
+TORCH_REQUIREMENT = os.environ.get("PBN_TORCH_REQUIREMENT", "torch==2.13.0")
+TORCH_INDEX_URL = os.environ.get("PBN_TORCH_INDEX_URL", "")
+
+# What each backend needs on top of the package and its test extra.
+REQUIREMENTS = {
+    "numpy": [],
+    "array_api_strict": [".[strict]"],
+    "torch": [],  # installed by install_torch
+    "jax": [".[jax]"],
+    "dask": [".[dask]"],
+    "cupy": ["cupy-cuda12x"],
+    "torch_gpu": [],  # installed by install_torch (a CUDA build)
+    "jax_gpu": ["jax[cuda12]"],
+}
+
+
+def install_torch(session: nox.Session, *, cuda: bool) -> None:
+    if cuda:
+        session.install(os.environ.get("PBN_TORCH_GPU_REQUIREMENT", "torch"))
+    elif TORCH_INDEX_URL:
+        session.install(TORCH_REQUIREMENT, "--index-url", TORCH_INDEX_URL)
+    else:
+        session.install(TORCH_REQUIREMENT)
+
+
+@nox.session
+@nox.parametrize("backend", [nox.param(b, id=b) for b in CPU_BACKENDS + GPU_BACKENDS])
+def tests(session: nox.Session, backend: str) -> None:
+    """The conformance suite with PBN_BACKENDS=<backend>."""
+    if backend in GPU_BACKENDS and shutil.which("nvidia-smi") is None:
+        session.skip(f"{backend}: no NVIDIA GPU on this machine (nvidia-smi not found)")
+    session.install("-e", ".[test]", *REQUIREMENTS[backend])
+    if backend in ("torch", "torch_gpu"):
+        install_torch(session, cuda=backend == "torch_gpu")
+    session.run("python", "-m", "pytest", *session.posargs, env={"PBN_BACKENDS": backend})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) and mypy."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Sphinx, warnings as errors, offline."""
+    session.install("-e", ".[docs]")
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def check(session: nox.Session) -> None:
+    """The main job on every CPU backend: python -m portable_bn check."""
+    session.install("-e", ".[strict,jax,dask]")
+    install_torch(session, cuda=False)
+    session.run("python", "-m", "portable_bn", "check")
