@@ -1,4 +1,4 @@
-"""portable_bn: PyTorch-exact batch normalization on every array-API library."""
+"""PyTorch-exact batch normalization on every array-API library."""
 
 from ._functional import BatchNormResult, batch_norm, batch_norm_backward
 from ._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys

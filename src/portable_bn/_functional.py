@@ -16,17 +16,27 @@ __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
 class BatchNormResult(NamedTuple):
     """What :func:`batch_norm` returns.
 
-    Attributes
+    Parameters
     ----------
     output : array
         The normalized input, same shape, dtype, library and device as ``x``.
     running_mean, running_var : array or None
         The new running statistics (training) or the given ones (eval); None
-        where None was given. Never attached to an autograd graph.
+        where None was given. Updated ones are never attached to an autograd
+        graph.
     mean, invstd : array
         Per-channel statistics used to normalize (batch statistics in
         training, running ones in eval), in the compute dtype (float32 for
         float16/bfloat16 input). Pass them to :func:`batch_norm_backward`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> output, running_mean, running_var, mean, invstd = pbn.batch_norm(
+    ...     np.array([[1.0], [3.0]]), np.zeros(1), np.ones(1), training=True)
+    >>> mean, running_var      # batch mean; 0.9 * 1 + 0.1 * unbiased variance 2
+    (array([2.]), array([1.1]))
     """
 
     output: Any

@@ -31,7 +31,23 @@ _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"
 
 
 class IncompatibleKeys(NamedTuple):
-    """What :meth:`~BatchNorm2d.load_state_dict` returns (PyTorch's names)."""
+    """What :meth:`~BatchNorm2d.load_state_dict` returns (PyTorch's names).
+
+    Parameters
+    ----------
+    missing_keys : list of str
+        Expected keys absent from the state dict (``num_batches_tracked`` is never listed).
+    unexpected_keys : list of str
+        Keys the module does not have.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> bn = pbn.BatchNorm1d(2, xp=np)
+    >>> bn.load_state_dict({"weight": np.ones(2), "extra": np.ones(2)}, strict=False)
+    IncompatibleKeys(missing_keys=['bias', 'running_mean', 'running_var'], unexpected_keys=['extra'])
+    """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -92,7 +108,19 @@ class _BatchNorm:
     # ----------------------------------------------------------------- state
     @property
     def xp(self) -> ModuleType | None:
-        """The array namespace of the parameters (None until created)."""
+        """The array namespace of the parameters (None until created).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2)
+        >>> bn.xp is None
+        True
+        >>> _ = bn(np.ones((3, 2)))
+        >>> bn.xp.__name__
+        'array_api_compat.numpy'
+        """
         return None if self._placement is None else self._placement.xp
 
     def _fresh_state(self, placement: _Placement) -> dict[str, Any]:
@@ -269,12 +297,41 @@ class _BatchNorm:
 
     # ------------------------------------------------------------------ mode
     def train(self, mode: bool = True) -> _BatchNorm:
-        """Set training mode (batch statistics, running update); returns self."""
+        """Set training mode (batch statistics, running update).
+
+        Parameters
+        ----------
+        mode : bool
+            True for training, False for evaluation.
+
+        Returns
+        -------
+        same type as self
+            The module itself, for chaining.
+
+        Examples
+        --------
+        >>> import portable_bn as pbn
+        >>> pbn.BatchNorm2d(3).train(False).training
+        False
+        """
         self.training = _validate.flag(mode, "mode")
         return self
 
     def eval(self) -> _BatchNorm:
-        """Set evaluation mode (running statistics); returns self."""
+        """Set evaluation mode (running statistics); same as ``train(False)``.
+
+        Returns
+        -------
+        same type as self
+            The module itself, for chaining.
+
+        Examples
+        --------
+        >>> import portable_bn as pbn
+        >>> pbn.BatchNorm2d(3).eval().training
+        False
+        """
         return self.train(False)
 
     # --------------------------------------------------------------- forward
@@ -352,7 +409,7 @@ class _BatchNorm:
 def _resolve_dtype(xp: ModuleType, dtype: Any, *, default: Any) -> Any:
     """A floating dtype of ``xp`` from a dtype object, a name, or the default."""
     if dtype is None:
-        return default
+        dtype = default
     if isinstance(dtype, str):
         resolved = getattr(xp, dtype, None)
         if resolved is None:
