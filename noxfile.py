@@ -26,16 +26,17 @@ nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lin
 TORCH_REQUIREMENT = os.environ.get("PBN_TORCH_REQUIREMENT", "torch==2.13.0")
 TORCH_INDEX_URL = os.environ.get("PBN_TORCH_INDEX_URL", "")
 
-# What each backend needs on top of the package and its test extra.
-REQUIREMENTS = {
-    "numpy": [],
-    "array_api_strict": [".[strict]"],
-    "torch": [],  # installed by install_torch
-    "jax": [".[jax]"],
-    "dask": [".[dask]"],
-    "cupy": ["cupy-cuda12x"],
-    "torch_gpu": [],  # installed by install_torch (a CUDA build)
-    "jax_gpu": ["jax[cuda12]"],
+# What each backend needs on top of the package and its test extra:
+# (extras of this package, other requirements).
+REQUIREMENTS: dict[str, tuple[list[str], list[str]]] = {
+    "numpy": ([], []),
+    "array_api_strict": (["strict"], []),
+    "torch": ([], []),  # installed by install_torch
+    "jax": (["jax"], []),
+    "dask": (["dask"], []),
+    "cupy": ([], ["cupy-cuda12x"]),
+    "torch_gpu": ([], []),  # installed by install_torch (a CUDA build)
+    "jax_gpu": ([], ["jax[cuda12]"]),
 }
 
 
@@ -54,7 +55,8 @@ def tests(session: nox.Session, backend: str) -> None:
     """The conformance suite with PBN_BACKENDS=<backend>."""
     if backend in GPU_BACKENDS and shutil.which("nvidia-smi") is None:
         session.skip(f"{backend}: no NVIDIA GPU on this machine (nvidia-smi not found)")
-    session.install("-e", ".[test]", *REQUIREMENTS[backend])
+    extras, others = REQUIREMENTS[backend]
+    session.install("-e", f".[{','.join(['test', *extras])}]", *others)
     if backend in ("torch", "torch_gpu"):
         install_torch(session, cuda=backend == "torch_gpu")
     session.run("python", "-m", "pytest", *session.posargs, env={"PBN_BACKENDS": backend})
