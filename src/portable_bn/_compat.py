@@ -165,10 +165,6 @@ def convert_array(value: Any, xp: ModuleType, dev: Any, dtype: Any) -> Any:
             host = to_numpy(source)
             out = xp.asarray(host, dtype=dtype)
     out = xp.astype(out, dtype)
-    if dev is not None and devices_differ(out, _probe(xp, dev)):
+    if dev is not None:
         out = to_device(out, dev)
     return xp.asarray(out, copy=True)
-
-
-def _probe(xp: ModuleType, dev: Any) -> Any:
-    return xp.empty((0,), device=dev)
