@@ -141,9 +141,7 @@ def forward(
         given = "running_mean" if running_var is None else "running_var"
         raise ValueError(f"running_mean and running_var must be given together, got only {given}")
     if training and recipe.count_per_channel == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}"
-        )
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
 
