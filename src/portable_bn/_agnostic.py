@@ -37,19 +37,28 @@ def _channel(xp: ModuleType, vector: Any, recipe: Recipe, dtype: Any) -> Any:
     return xp.reshape(xp.astype(vector, dtype, copy=False), recipe.param_shape)
 
 
-def batch_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Any]:
-    """Two-pass batch mean and biased variance; returns the centered input too,
-    so normalization reuses it instead of subtracting the mean a second time."""
+def batch_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Any, Any]:
+    """Corrected two-pass batch mean and biased variance.
+
+    Pass 1 gives ``mean0``; pass 2 reduces ``centered = x - mean0``, whose own
+    mean ``residual`` is the rounding error of pass 1 (large when |mean| >>
+    std in float32). Hence ``mean = mean0 + residual`` and
+    ``var = mean(centered**2) - residual**2`` (exact algebra), both with an
+    error set by the spread of the data rather than its offset. Returns the
+    statistics, ``centered`` (reused by the normalization, which folds
+    ``-residual`` into its per-channel shift) and ``residual``.
+    """
     if recipe.count_per_channel == 0:
         # An empty batch has no statistics: NaN, as NumPy's mean of nothing, but
         # without its warning. The running update is skipped by the caller.
         nan = xp.full((recipe.num_channels,), math.nan, dtype=x_compute.dtype, device=device(x_compute))
-        return Statistics(nan, nan, nan), x_compute
-    batch_mean = xp.mean(x_compute, axis=recipe.reduce_axes)
-    centered = x_compute - xp.reshape(batch_mean, recipe.param_shape)
-    batch_var = xp.mean(centered * centered, axis=recipe.reduce_axes)
+        return Statistics(nan, nan, nan), x_compute, None
+    mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
+    centered = x_compute - xp.reshape(mean0, recipe.param_shape)
+    residual = xp.mean(centered, axis=recipe.reduce_axes)
+    batch_var = xp.mean(centered * centered, axis=recipe.reduce_axes) - residual * residual
     invstd = 1.0 / xp.sqrt(batch_var + eps)
-    return Statistics(batch_mean, invstd, batch_var), centered
+    return Statistics(mean0 + residual, invstd, batch_var), centered, residual
 
 
 def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtype: Any, eps: float) -> Statistics:
@@ -60,15 +69,27 @@ def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtyp
 
 
 def scale_and_shift(
-    xp: ModuleType, centered: Any, invstd: Any, weight: Any | None, bias: Any | None, recipe: Recipe, out_dtype: Any
+    xp: ModuleType,
+    centered: Any,
+    invstd: Any,
+    weight: Any | None,
+    bias: Any | None,
+    recipe: Recipe,
+    out_dtype: Any,
+    *,
+    residual: Any | None = None,
 ) -> Any:
-    """y = (x - mean) * (invstd * weight) + bias, folded into one per-channel
-    scale so the full-size work is one multiply and one add."""
+    """y = (centered - residual) * (invstd * weight) + bias, folded into one
+    per-channel scale and shift so the full-size work is one multiply and one
+    add (``residual``: see :func:`batch_statistics`; None in eval)."""
     dtype = centered.dtype
     scale = invstd if weight is None else invstd * xp.astype(weight, dtype, copy=False)
+    shift = None if bias is None else xp.astype(bias, dtype, copy=False)
+    if residual is not None:
+        shift = -residual * scale if shift is None else shift - residual * scale
     out = centered * xp.reshape(scale, recipe.param_shape)
-    if bias is not None:
-        out = out + _channel(xp, bias, recipe, dtype)
+    if shift is not None:
+        out = out + xp.reshape(shift, recipe.param_shape)
     return xp.astype(out, out_dtype, copy=False)
 
 

@@ -148,11 +148,11 @@ def forward(
     dtype = _agnostic.compute_dtype(xp, x.dtype)
     x_compute = xp.astype(x, dtype, copy=False)
     if training:
-        stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps)
+        stats, centered, residual = _agnostic.batch_statistics(xp, x_compute, recipe, eps)
     else:
         stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
-        centered = x_compute - xp.reshape(stats.mean, recipe.param_shape)
-    output = _agnostic.scale_and_shift(xp, centered, stats.invstd, weight, bias, recipe, x.dtype)
+        centered, residual = x_compute - xp.reshape(stats.mean, recipe.param_shape), None
+    output = _agnostic.scale_and_shift(xp, centered, stats.invstd, weight, bias, recipe, x.dtype, residual=residual)
     if training and running_mean is not None:
         running_mean, running_var = _agnostic.updated_running_stats(
             xp,
