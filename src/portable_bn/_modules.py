@@ -23,7 +23,7 @@ from ._compat import (
     namespace_of,
     resolve_namespace,
 )
-from ._functional import forward
+from ._functional import batch_norm_backward, forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
 
@@ -51,6 +51,16 @@ class IncompatibleKeys(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
+
+
+class _SavedForward(NamedTuple):
+    """What :meth:`_BatchNorm.backward` needs from the last call."""
+
+    x: Any
+    weight: Any
+    mean: Any
+    invstd: Any
+    batch_statistics: bool
 
 
 class _Placement(NamedTuple):
@@ -98,6 +108,9 @@ class _BatchNorm:
         self.num_batches_tracked: Any = None
         self._dtype_request: Any = dtype
         self._placement: _Placement | None = None
+        self.weight_grad: Any = None
+        self.bias_grad: Any = None
+        self._saved: _SavedForward | None = None
         if xp is not None:
             namespace = resolve_namespace(xp)
             placement = _Placement(namespace, device, _resolve_dtype(namespace, dtype, default=namespace.float32))
@@ -381,8 +394,72 @@ class _BatchNorm:
         )
         if updating:
             state.update(running_mean=result.running_mean, running_var=result.running_var, num_batches_tracked=counter)
+        # Kept for backward(); detached, because that is the no-autograd route.
+        weight = state.get("weight")
+        state["_saved"] = _SavedForward(
+            detach(xp, x),
+            None if weight is None else detach(xp, weight),
+            detach(xp, result.mean),
+            detach(xp, result.invstd),
+            use_batch_stats,
+        )
         self._bind(placement, state)
         return result.output
+
+    def backward(self, grad_output: Any) -> Any:
+        """Gradients of the last call, for libraries without autograd.
+
+        Uses what the last call kept (its input, weight and statistics), so
+        the parameters may be updated between the call and ``backward``.
+        Stores the parameter gradients in ``weight_grad`` and ``bias_grad``
+        (replacing earlier ones; affine modules only) and returns the gradient
+        with respect to the input. Whether the batch statistics are
+        differentiated follows the call: they are in training mode and in
+        eval mode without running statistics.
+
+        Parameters
+        ----------
+        grad_output : array
+            Gradient of the loss with respect to the last call's output.
+
+        Returns
+        -------
+        array
+            Gradient with respect to the last call's input.
+
+        Raises
+        ------
+        ValueError
+            If the module has not been called yet, or ``grad_output`` does not
+            have the shape of the last input.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np, dtype="float64")
+        >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+        >>> y = bn(x)
+        >>> grad_x = bn.backward(np.ones_like(y))    # d(sum(y))/dx
+        >>> bool(np.allclose(grad_x, 0.0)), bn.bias_grad
+        (True, array([3., 3.]))
+        >>> bn.weight = bn.weight - 0.1 * bn.weight_grad   # one SGD step
+        """
+        saved = self._saved
+        if saved is None:
+            raise ValueError(f"{type(self).__name__}.backward needs a forward call first")
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            grad_output,
+            saved.x,
+            saved.weight,
+            saved.mean,
+            saved.invstd,
+            training=saved.batch_statistics,
+            axis=self.axis,
+        )
+        if self.affine:
+            self.weight_grad, self.bias_grad = grad_weight, grad_bias
+        return grad_input
 
     def _check_input_fits(self, xp: ModuleType, x: Any, placement: _Placement) -> None:
         """Name the module, not one parameter, when the input does not fit it."""
