@@ -73,9 +73,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Sphinx, warnings as errors, offline."""
+    """Sphinx, warnings as errors, offline; then every example on the pages runs (doctest)."""
     session.install("-e", ".[docs]")
+    install_torch(session, cuda=False)  # the pages show PyTorch interop
     session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest")
 
 
 @nox.session

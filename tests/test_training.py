@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
+from conftest import require_backend
 from portable_bn._check import sample
 from portable_bn._reference import reference_backward, reference_batch_norm
-
-from conftest import require_backend
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "numpy_training.py"
 
