@@ -95,3 +95,34 @@ def test_jax_vmap_over_independent_batches():
         upstream = 3.0 * fwd["output"] ** 2
         want = reference_backward(upstream, host[i], weight, fwd["mean"], fwd["invstd"], training=True)[0]
         np.testing.assert_allclose(np.asarray(grads[i]), want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_through_a_module(training):
+    require_backend("torch")
+    import torch
+
+    bn = pbn.BatchNorm2d(3, xp=torch, dtype=torch.float64).train(training)
+    bn.load_state_dict(
+        {"running_mean": np.array([0.1, 0.2, 0.3]), "running_var": np.array([1.5, 0.5, 2.0])}, strict=False
+    )
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def call(x, weight, bias):
+        bn.weight, bn.bias = weight, bias
+        return bn(x)
+
+    inputs = (x, bn.weight, bn.bias)
+    assert torch.autograd.gradcheck(call, inputs, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(call, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_backward_arguments_on_another_device():
+    xp = pytest.importorskip("array_api_strict")
+    x = xp.asarray(np.ones((4, 3)), device=xp.Device("device1"))
+    stats = xp.ones(3, dtype=xp.float64)  # default device
+    with pytest.raises(ValueError, match=r"mean is on device .*CPU_DEVICE.* but x is on device .*device1"):
+        pbn.batch_norm_backward(x, x, None, stats, stats)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"grad_output is on device meta but x is on device cpu"):
+        pbn.batch_norm_backward(torch.ones(4, 3, device="meta"), torch.ones(4, 3), None, torch.ones(3), torch.ones(3))
