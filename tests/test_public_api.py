@@ -34,7 +34,7 @@ def test_module_methods_have_examples(method):
 
 def test_functions_take_options_by_keyword_only():
     for func, keyword_only in [
-        (pbn.batch_norm, {"training", "momentum", "eps", "axis"}),
+        (pbn.batch_norm, {"training", "momentum", "eps", "axis", "skip_nonfinite"}),
         (pbn.batch_norm_backward, {"training", "axis"}),
     ]:
         params = inspect.signature(func).parameters

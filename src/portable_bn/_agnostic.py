@@ -24,6 +24,17 @@ class Statistics(NamedTuple):
     """Biased batch variance (training; None in eval), for the running update."""
 
 
+class Centered(NamedTuple):
+    """The full-size intermediate the normalization starts from."""
+
+    values: Any
+    """``x`` (possibly scaled by a power of two) minus a per-channel mean."""
+    residual: Any
+    """Per-channel mean of ``values`` still to subtract (None: none)."""
+    invstd: Any
+    """``1 / sqrt(var + eps)`` in the units of ``values``."""
+
+
 def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
     """float32 and float64 compute in themselves; float16 and bfloat16 in
     float32, so sums never overflow or lose the half-precision mantissa."""
@@ -37,28 +48,71 @@ def _channel(xp: ModuleType, vector: Any, recipe: Recipe, dtype: Any) -> Any:
     return xp.reshape(xp.astype(vector, dtype, copy=False), recipe.param_shape)
 
 
-def batch_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Any, Any]:
+def power_of_two_scale(xp: ModuleType, low: Any, high: Any) -> Any:
+    """Per-channel ``2**-k`` with ``k = max(0, floor(log2(max|x|)))``, from the
+    channel minima ``low`` and maxima ``high``.
+
+    Multiplying by it brings every channel into ``[-2, 2]`` so squares cannot
+    overflow (float32 squares overflow from |x| ~ 1.8e19). Scaling by a power
+    of two is exact, so ordinary data give bit-for-bit the results they would
+    give unscaled; channels with |x| <= 1 get exactly 1. A channel holding Inf
+    gets 0 (its statistics become NaN, as they must); NaN keeps 1.
+    """
+    largest = xp.maximum(high, -low)
+    largest = xp.where(largest > 1.0, largest, xp.ones_like(largest))  # also NaN -> 1
+    return 2.0 ** -xp.floor(xp.log2(largest))
+
+
+def batch_statistics(
+    xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float, *, prescale: bool, want_var: bool
+) -> tuple[Statistics, Centered]:
     """Corrected two-pass batch mean and biased variance.
 
     Pass 1 gives ``mean0``; pass 2 reduces ``centered = x - mean0``, whose own
     mean ``residual`` is the rounding error of pass 1 (large when |mean| >>
     std in float32). Hence ``mean = mean0 + residual`` and
     ``var = mean(centered**2) - residual**2`` (exact algebra), both with an
-    error set by the spread of the data rather than its offset. Returns the
-    statistics, ``centered`` (reused by the normalization, which folds
-    ``-residual`` into its per-channel shift) and ``residual``.
+    error set by the spread of the data rather than its offset.
+
+    With ``prescale`` (float32/float64 input; float16/bfloat16 input computed
+    in float32 cannot overflow) ``x`` is first multiplied by
+    :func:`power_of_two_scale`, and ``eps`` by its square (kept above the
+    smallest normal number, so a constant channel of huge values still
+    divides by a positive number); a constant channel takes its value as its
+    exact mean. The statistics are scaled back, exactly, before they are
+    returned. ``batch_var`` (only computed if ``want_var``, i.e. for a running
+    update) overflows to Inf when the true variance is beyond the dtype's
+    range -- the one place such data still overflow, with NumPy's warning.
+
+    Returns the statistics (in the input's units) and the :class:`Centered`
+    intermediate (in the scaled units) that :func:`scale_and_shift` reuses.
     """
     if recipe.count_per_channel == 0:
         # An empty batch has no statistics: NaN, as NumPy's mean of nothing, but
         # without its warning. The running update is skipped by the caller.
         nan = xp.full((recipe.num_channels,), math.nan, dtype=x_compute.dtype, device=device(x_compute))
-        return Statistics(nan, nan, nan), x_compute, None
+        return Statistics(nan, nan, nan), Centered(x_compute, None, nan)
+    eps_scaled: Any = eps
+    scale = None
+    if prescale:
+        low = xp.min(x_compute, axis=recipe.reduce_axes)
+        high = xp.max(x_compute, axis=recipe.reduce_axes)
+        scale = power_of_two_scale(xp, low, high)
+        x_compute = x_compute * xp.reshape(scale, recipe.param_shape)
+        eps_scaled = xp.maximum(eps * scale * scale, xp.full_like(scale, xp.finfo(scale.dtype).smallest_normal))
     mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
+    if scale is not None:
+        mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
     centered = x_compute - xp.reshape(mean0, recipe.param_shape)
     residual = xp.mean(centered, axis=recipe.reduce_axes)
     batch_var = xp.mean(centered * centered, axis=recipe.reduce_axes) - residual * residual
-    invstd = 1.0 / xp.sqrt(batch_var + eps)
-    return Statistics(mean0 + residual, invstd, batch_var), centered, residual
+    invstd = 1.0 / xp.sqrt(batch_var + eps_scaled)
+    normalizer = Centered(centered, residual, invstd)
+    mean = mean0 + residual
+    if scale is not None:  # back to the input's units (exact: powers of two, one at a time)
+        mean, invstd = mean / scale, invstd * scale
+        batch_var = batch_var / scale / scale if want_var else None
+    return Statistics(mean, invstd, batch_var), normalizer
 
 
 def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtype: Any, eps: float) -> Statistics:
@@ -69,25 +123,16 @@ def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtyp
 
 
 def scale_and_shift(
-    xp: ModuleType,
-    centered: Any,
-    invstd: Any,
-    weight: Any | None,
-    bias: Any | None,
-    recipe: Recipe,
-    out_dtype: Any,
-    *,
-    residual: Any | None = None,
+    xp: ModuleType, centered: Centered, weight: Any | None, bias: Any | None, recipe: Recipe, out_dtype: Any
 ) -> Any:
-    """y = (centered - residual) * (invstd * weight) + bias, folded into one
-    per-channel scale and shift so the full-size work is one multiply and one
-    add (``residual``: see :func:`batch_statistics`; None in eval)."""
-    dtype = centered.dtype
-    scale = invstd if weight is None else invstd * xp.astype(weight, dtype, copy=False)
+    """y = (values - residual) * (invstd * weight) + bias, folded into one
+    per-channel scale and shift so the full-size work is one multiply and one add."""
+    dtype = centered.values.dtype
+    scale = centered.invstd if weight is None else centered.invstd * xp.astype(weight, dtype, copy=False)
     shift = None if bias is None else xp.astype(bias, dtype, copy=False)
-    if residual is not None:
-        shift = -residual * scale if shift is None else shift - residual * scale
-    out = centered * xp.reshape(scale, recipe.param_shape)
+    if centered.residual is not None:
+        shift = -centered.residual * scale if shift is None else shift - centered.residual * scale
+    out = centered.values * xp.reshape(scale, recipe.param_shape)
     if shift is not None:
         out = out + xp.reshape(shift, recipe.param_shape)
     return xp.astype(out, out_dtype, copy=False)
@@ -101,11 +146,15 @@ def updated_running_stats(
     batch_var: Any,
     recipe: Recipe,
     factor: Any,
+    *,
+    skip_nonfinite: bool = False,
 ) -> tuple[Any, Any]:
     """PyTorch's update: (1 - f) * old + f * new, with the UNBIASED batch variance.
 
     ``factor`` is a Python float (momentum) or a 0-d array (the cumulative
     average 1 / num_batches_tracked of a module with ``momentum=None``).
+    With ``skip_nonfinite``, a channel whose batch mean or variance is NaN or
+    Inf keeps its old values (a per-channel ``where``: no host sync, jit-safe).
     """
     if recipe.count_per_channel == 0:  # empty batch: statistics unchanged (PyTorch)
         return running_mean, running_var
@@ -114,6 +163,10 @@ def updated_running_stats(
     keep = 1.0 - factor
     new_mean = keep * xp.astype(running_mean, dtype, copy=False) + factor * batch_mean
     new_var = keep * xp.astype(running_var, dtype, copy=False) + factor * unbiased_var
+    if skip_nonfinite:
+        finite = xp.isfinite(batch_mean) & xp.isfinite(unbiased_var)
+        new_mean = xp.where(finite, new_mean, xp.astype(running_mean, dtype, copy=False))
+        new_var = xp.where(finite, new_var, xp.astype(running_var, dtype, copy=False))
     return (
         xp.astype(new_mean, running_mean.dtype, copy=False),
         xp.astype(new_var, running_var.dtype, copy=False),

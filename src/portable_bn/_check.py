@@ -118,7 +118,7 @@ def functional_scenario(
         "weight": rng.uniform(0.5, 2.0, channels) if affine else None,
         "bias": rng.normal(0.0, 1.0, channels) if affine else None,
     }
-    arrays = {k: None if v is None else combo.asarray(v, param_dtype) for k, v in args.items()}
+    arrays: dict[str, Any] = {k: None if v is None else combo.asarray(v, param_dtype) for k, v in args.items()}
     x = combo.asarray(x_host)
     result = batch_norm(x, **arrays, training=training, momentum=momentum, eps=eps, axis=axis)
     host = {k: None if v is None else combo.to_numpy(v) for k, v in arrays.items()}

@@ -57,6 +57,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
+    skip_nonfinite: bool = False,
 ) -> BatchNormResult:
     """Batch normalization with PyTorch's exact rules, on any array-API library.
 
@@ -84,6 +85,12 @@ def batch_norm(
         Added to the variance before the square root; > 0 in training.
     axis : int, keyword-only
         Channel axis (1 for NCHW, -1 for channels-last); all others are reduced.
+    skip_nonfinite : bool, keyword-only
+        If True, a channel whose batch statistics are NaN or Inf (the batch
+        holds a NaN or Inf there, or its variance overflows the dtype) keeps
+        its running statistics instead of being poisoned for good
+        (pytorch#90342). Other channels update normally; the output is not
+        changed. Default False: PyTorch's behaviour.
 
     Returns
     -------
@@ -117,7 +124,19 @@ def batch_norm(
     xp = _validate.input_array(x)
     training = _validate.flag(training, "training")
     factor = _validate.real_number(momentum, "momentum")
-    return forward(xp, x, running_mean, running_var, weight, bias, training=training, factor=factor, eps=eps, axis=axis)
+    return forward(
+        xp,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training=training,
+        factor=factor,
+        eps=eps,
+        axis=axis,
+        skip_nonfinite=_validate.flag(skip_nonfinite, "skip_nonfinite"),
+    )
 
 
 def forward(
@@ -132,6 +151,7 @@ def forward(
     factor: Any,
     eps: Any,
     axis: Any,
+    skip_nonfinite: bool = False,
 ) -> BatchNormResult:
     """:func:`batch_norm` after ``x``, ``training`` and the update factor are
     checked; ``factor`` may be a 0-d array (a module's cumulative average)."""
@@ -148,11 +168,13 @@ def forward(
     dtype = _agnostic.compute_dtype(xp, x.dtype)
     x_compute = xp.astype(x, dtype, copy=False)
     if training:
-        stats, centered, residual = _agnostic.batch_statistics(xp, x_compute, recipe, eps)
+        stats, centered = _agnostic.batch_statistics(
+            xp, x_compute, recipe, eps, prescale=dtype == x.dtype, want_var=running_mean is not None
+        )
     else:
         stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
-        centered, residual = x_compute - xp.reshape(stats.mean, recipe.param_shape), None
-    output = _agnostic.scale_and_shift(xp, centered, stats.invstd, weight, bias, recipe, x.dtype, residual=residual)
+        centered = _agnostic.Centered(x_compute - xp.reshape(stats.mean, recipe.param_shape), None, stats.invstd)
+    output = _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
     if training and running_mean is not None:
         running_mean, running_var = _agnostic.updated_running_stats(
             xp,
@@ -162,6 +184,7 @@ def forward(
             detach(xp, stats.batch_var),
             recipe,
             factor,
+            skip_nonfinite=skip_nonfinite,
         )
     return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
 

@@ -86,6 +86,7 @@ class _BatchNorm:
         xp: Any = None,
         device: Any = None,
         dtype: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -100,6 +101,7 @@ class _BatchNorm:
         self.affine: bool = _validate.flag(affine, "affine")
         self.track_running_stats: bool = _validate.flag(track_running_stats, "track_running_stats")
         self.axis: int = int(axis)
+        self.skip_nonfinite: bool = _validate.flag(skip_nonfinite, "skip_nonfinite")
         self.training: bool = True
         self.weight: Any = None
         self.bias: Any = None
@@ -391,6 +393,7 @@ class _BatchNorm:
             factor=factor,
             eps=self.eps,
             axis=self.axis,
+            skip_nonfinite=self.skip_nonfinite,
         )
         if updating:
             state.update(running_mean=result.running_mean, running_var=result.running_var, num_batches_tracked=counter)
@@ -526,6 +529,12 @@ _PARAMETERS_DOC = """
         Where to create the parameters (needs ``xp``).
     dtype : dtype or str, keyword-only
         Real floating dtype of the parameters and buffers.
+    skip_nonfinite : bool, keyword-only
+        If True, a training batch whose statistics are NaN or Inf in some
+        channel leaves that channel's running statistics unchanged (other
+        channels and ``num_batches_tracked`` update as usual), so one bad
+        batch cannot poison the module for good. Default False: PyTorch's
+        behaviour.
 
     Attributes
     ----------

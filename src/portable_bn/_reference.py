@@ -7,6 +7,7 @@ The test suite checks this reference itself against ``torch.nn.BatchNorm*d``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,29 @@ def _channels_first(x: np.ndarray, axis: int) -> np.ndarray:
 def _to_input_layout(flat: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
     moved_shape = (shape[axis], *(s for i, s in enumerate(shape) if i != axis % len(shape)))
     return np.moveaxis(flat.reshape(moved_shape), 0, axis)
+
+
+def _exact_statistics(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel mean, biased variance and ``x - mean`` to float64's last bit.
+
+    ``math.fsum`` rounds each sum exactly once. The mean of a channel is
+    rarely a float64 itself; the deviations ``x - mean`` are formed against
+    the rounded mean, then corrected by their own (exactly summed) mean, so
+    they hold the true deviations even where |mean| >> spread.
+    """
+    n = flat.shape[1]
+    mean = np.empty(flat.shape[0])
+    var = np.empty(flat.shape[0])
+    centered = np.empty_like(flat)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf data propagate, as they should
+        for c, row in enumerate(flat):
+            mean0 = math.fsum(row.tolist()) / n
+            deviation = row - mean0  # exact where row ~ mean0 (Sterbenz)
+            residual = math.fsum(deviation.tolist()) / n
+            centered[c] = deviation - residual
+            mean[c] = mean0 + residual
+            var[c] = math.fsum((centered[c] * centered[c]).tolist()) / n
+    return mean, var, centered
 
 
 def reference_batch_norm(
@@ -48,9 +72,9 @@ def reference_batch_norm(
         if n == 0:
             mean = np.full(channels, np.nan)
             var = np.full(channels, np.nan)
+            centered = flat
         else:
-            mean = flat.sum(axis=1) / n
-            var = ((flat - mean[:, None]) ** 2).sum(axis=1) / n
+            mean, var, centered = _exact_statistics(flat)
             if rm is not None and rv is not None:
                 rm = (1 - momentum) * rm + momentum * mean
                 rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
@@ -58,8 +82,9 @@ def reference_batch_norm(
         if rm is None or rv is None:
             raise ValueError("eval needs running statistics")
         mean, var = rm, rv
+        centered = flat - mean[:, None]
     invstd = 1.0 / np.sqrt(var + eps)
-    out = (flat - mean[:, None]) * invstd[:, None] * w[:, None] + b[:, None]
+    out = centered * invstd[:, None] * w[:, None] + b[:, None]
     return {
         "output": _to_input_layout(out, x.shape, axis),
         "running_mean": rm,

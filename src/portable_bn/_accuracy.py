@@ -1,0 +1,122 @@
+"""``python -m portable_bn accuracy``: errors on hard data, ours beside PyTorch's.
+
+For each installed backend (first device) and dtype, the normwise error of a
+training-mode ``batch_norm`` output against the float64 truth
+(:mod:`._reference`, exactly rounded sums) on data sets that break naive
+implementations; the same data through ``torch.nn.functional.batch_norm`` on
+the CPU, where torch is installed, for comparison.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import _backends
+from ._functional import batch_norm
+from ._reference import reference_batch_norm
+from ._tolerance import max_error
+
+SHAPE = (16, 4, 8, 8)
+
+
+def _normal(offset: float, spread: float) -> Callable[[], np.ndarray]:
+    def make() -> np.ndarray:
+        data: np.ndarray = offset + spread * np.random.default_rng(0).normal(size=SHAPE)
+        return data
+
+    return make
+
+
+def _constant_channel() -> np.ndarray:
+    data = np.random.default_rng(0).normal(size=SHAPE)
+    data[:, 1] = 123.4375  # exactly representable in every dtype
+    return data
+
+
+# name -> (data, dtypes it fits)
+DATA: dict[str, tuple[Callable[[], np.ndarray], tuple[str, ...]]] = {
+    "N(0,1)": (_normal(0.0, 1.0), ("float16", "bfloat16", "float32", "float64")),
+    "300+100N": (_normal(300.0, 100.0), ("float16", "bfloat16", "float32", "float64")),
+    "constant ch.": (_constant_channel, ("float16", "bfloat16", "float32", "float64")),
+    "1e4+0.1N": (_normal(1e4, 0.1), ("float32", "float64")),
+    "1e6+N": (_normal(1e6, 1.0), ("float32", "float64")),
+    "1e20 N": (_normal(0.0, 1e20), ("float32", "float64")),
+    "3e37 N": (_normal(0.0, 3e37), ("float32", "float64")),
+}
+
+
+def _error(
+    run: Callable[[Any], np.ndarray],
+    cast: Callable[[np.ndarray], Any],
+    host: Callable[[Any], np.ndarray],
+    data: np.ndarray,
+) -> float:
+    x = cast(data)
+    truth = reference_batch_norm(host(x), training=True)["output"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the point is to see what overflows
+        return max_error(run(x), truth)
+
+
+def measure() -> list[tuple[str, str, dict[str, float]]]:
+    """Rows (implementation, dtype, {data set: error})."""
+    rows = []
+    for backend in _backends.CPU_BACKENDS + _backends.GPU_BACKENDS:
+        try:
+            combos = _backends.combinations(backend)
+        except _backends.BackendUnavailable:
+            continue
+        seen: set[str] = set()
+        for combo in combos:
+            if not combo.values or combo.dtype_name in seen:
+                continue
+            seen.add(combo.dtype_name)
+            errors = {
+                name: _error(
+                    lambda x, c=combo: c.to_numpy(batch_norm(x, training=True).output),
+                    combo.asarray,
+                    combo.to_numpy,
+                    make(),
+                )
+                for name, (make, dtypes) in DATA.items()
+                if combo.dtype_name in dtypes
+            }
+            rows.append((f"portable_bn {backend}", combo.dtype_name, errors))
+    try:
+        import torch
+    except ImportError:
+        return rows
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        dtype = getattr(torch, name)
+
+        def run(x: Any) -> np.ndarray:
+            out = torch.nn.functional.batch_norm(x, None, None, training=True)
+            return out.float().numpy() if out.dtype == torch.bfloat16 else out.numpy()
+
+        def cast(data: np.ndarray, dtype: Any = dtype) -> Any:
+            return torch.from_numpy(data).to(dtype)
+
+        def host(x: Any) -> np.ndarray:
+            return x.double().numpy()
+
+        errors = {key: _error(run, cast, host, make()) for key, (make, dtypes) in DATA.items() if name in dtypes}
+        rows.append(("torch F.batch_norm (CPU)", name, errors))
+    return rows
+
+
+def accuracy(out: TextIO | None = None) -> int:
+    """Print the table; always 0 (this reports, it does not judge)."""
+    out = out or sys.stdout
+    rows = measure()
+    header = ["implementation", "dtype", *DATA]
+    cells = [[impl, dtype, *(f"{errors[k]:.1e}" if k in errors else "-" for k in DATA)] for impl, dtype, errors in rows]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+    print("normwise error max|y - y64| / max(1, max|y64|) of the training output; y64: float64 truth", file=out)
+    return 0
