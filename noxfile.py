@@ -3,6 +3,7 @@
     nox                              # CPU matrix + lint + docs (what CI runs)
     nox -s "tests(torch)"            # one backend
     nox -s "tests(cupy)" "tests(torch_gpu)" "tests(jax_gpu)"   # on a GPU machine
+    nox -s bench -- --quick          # speed ratios (not run by default)
 
 PyTorch: ``PBN_TORCH_REQUIREMENT`` (default ``torch==2.13.0``) and, where the
 default would resolve to a multi-GB CUDA build, ``PBN_TORCH_INDEX_URL``
@@ -86,3 +87,11 @@ def check(session: nox.Session) -> None:
     session.install("-e", ".[strict,jax,dask]")
     install_torch(session, cuda=False)
     session.run("python", "-m", "portable_bn", "check")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed and memory ratios: python -m portable_bn bench [posargs], e.g. -- --quick --json bench.json."""
+    session.install("-e", ".[bench,jax]")
+    install_torch(session, cuda=False)
+    session.run("python", "-m", "portable_bn", "bench", *session.posargs)

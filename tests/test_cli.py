@@ -45,3 +45,11 @@ def test_module_entry_point_runs():
     )
     assert done.returncode == 0, done.stderr
     assert "all passed" in done.stdout
+
+
+def test_accuracy_command_prints_a_table(capsys):
+    assert main(["accuracy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["implementation", "dtype"]
+    assert any(line.startswith("portable_bn numpy") and "float32" in line for line in lines)
+    assert lines[-1].startswith("normwise error")

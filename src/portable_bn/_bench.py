@@ -1,0 +1,967 @@
+"""``python -m portable_bn bench``: how fast our batch norm is, as ratios.
+
+Every figure is a ratio of two timings taken in this process: the calls are
+sampled in turn (ours, baseline, copy, ours, baseline, copy, ..., the
+starting call rotated every round, the garbage collector off), each sample
+long enough to dwarf the timer (many calls per sample for small inputs), and
+each time is the median of the samples. A slow or noisy machine slows both
+sides of a ratio alike; absolute times are printed only to read the ratios.
+
+Baselines:
+
+- NumPy (and CuPy): a same-size array copy, ``copyto`` into a preallocated
+  array ("copies": the memory-bandwidth floor), and the textbook
+  implementation :func:`naive_batch_norm` / :func:`naive_batch_norm_backward`;
+- PyTorch: ``torch.nn.functional.batch_norm``; for the backward,
+  ``torch.autograd.grad`` through its graph, built once outside the timed
+  region, so only the backward is timed on both sides;
+- JAX: the same textbook implementation written with ``jax.numpy``; both
+  sides under ``jax.jit``, waited for with ``jax.block_until_ready``.
+
+The peak extra memory of the NumPy training forward is measured with
+:mod:`tracemalloc` (NumPy reports its data buffers to it).
+
+This module imports only NumPy and the standard library; each backend is
+imported when it is benchmarked. The code under test is reached through the
+public functions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import __version__, batch_norm, batch_norm_backward
+
+BACKENDS = ("numpy", "torch", "jax", "cupy", "torch_gpu", "jax_gpu")
+"""Names as in ``python -m portable_bn check``; the GPU ones are skipped without a GPU."""
+DTYPES = ("float32", "float64")
+CASES = ("train", "eval", "backward")
+DEFAULT_SHAPES = ((2, 4, 3, 3), (32, 64, 56, 56), (64, 256, 14, 14), (256, 512, 7, 7), (8, 32, 128, 128))
+QUICK_SHAPES = ((2, 4, 3, 3), (32, 64, 56, 56))
+QUICK_DTYPES = ("float32",)
+RESNET_SHAPES = frozenset({(32, 64, 56, 56), (64, 256, 14, 14), (256, 512, 7, 7)})
+"""ResNet-50 activations (56x56, 14x14 and 7x7 stages): the shapes of the NumPy "copies" targets."""
+SMALL_SIZE = 4096
+"""Inputs with fewer elements are "small calls", where the fixed cost per call dominates."""
+LARGE_SIZE = 1 << 20
+"""Inputs with at least this many elements are "large" (the throughput targets)."""
+
+MOMENTUM = 0.1
+EPS = 1e-5
+QUICK_REPEATS = 3
+SAMPLE_SECONDS = 0.01
+QUICK_SAMPLE_SECONDS = 0.002
+
+
+def default_repeats(shape: tuple[int, ...]) -> int:
+    """Samples per timing when ``--repeats`` is not given: many for cheap calls,
+    few for large inputs (one sample there is one call of tens of ms)."""
+    return 21 if math.prod(shape) < LARGE_SIZE else 7
+
+
+# -- the naive baselines ------------------------------------------------------
+
+
+def _nchw(x: Any) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Reduction axes, per-channel broadcast shape and values per channel of an (N, C, ...) input."""
+    shape = tuple(int(size) for size in x.shape)
+    axes = (0, *range(2, len(shape)))
+    return axes, (1, shape[1]) + (1,) * (len(shape) - 2), math.prod(shape) // shape[1]
+
+
+def naive_batch_norm(
+    xp: Any,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    *,
+    training: bool,
+    momentum: float = MOMENTUM,
+    eps: float = EPS,
+) -> tuple[Any, Any, Any]:
+    """The textbook forward (channel axis 1) with NumPy-style methods:
+    ``(output, new running_mean, new running_var)``. Works for NumPy, CuPy and
+    ``jax.numpy`` (``xp`` gives ``sqrt``)."""
+    axes, param, count = _nchw(x)
+    if training:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var = (1 - momentum) * running_var + momentum * var * (count / (count - 1))
+    else:
+        mean, var = running_mean, running_var
+    output = (x - mean.reshape(param)) / xp.sqrt(var.reshape(param) + eps) * weight.reshape(param) + bias.reshape(param)
+    return output, running_mean, running_var
+
+
+def naive_batch_norm_backward(grad_output: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, Any, Any]:
+    """The textbook training backward (channel axis 1):
+    ``dx = w * invstd / n * (n * g - sum(g) - xhat * sum(g * xhat))``;
+    returns ``(grad_input, grad_weight, grad_bias)``."""
+    axes, param, count = _nchw(x)
+    xhat = (x - mean.reshape(param)) * invstd.reshape(param)
+    grad_bias = grad_output.sum(axis=axes)
+    grad_weight = (grad_output * xhat).sum(axis=axes)
+    grad_input = (
+        (weight * invstd).reshape(param)
+        / count
+        * (count * grad_output - grad_bias.reshape(param) - xhat * grad_weight.reshape(param))
+    )
+    return grad_input, grad_weight, grad_bias
+
+
+# -- timing -------------------------------------------------------------------
+
+
+def _seconds(fn: Callable[[], object], loops: int) -> float:
+    start = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return time.perf_counter() - start
+
+
+def _loops_for(fn: Callable[[], object], sample_seconds: float) -> int:
+    """Calls per sample so that one sample lasts at least ``sample_seconds``."""
+    loops = 1
+    while True:
+        elapsed = _seconds(fn, loops)
+        if elapsed >= sample_seconds or loops >= 1_000_000:
+            return loops
+        wanted = math.ceil(loops * 1.2 * sample_seconds / max(elapsed, 1e-9))
+        loops = max(loops + 1, min(loops * 100, wanted))
+
+
+def interleaved_medians(
+    fns: Sequence[Callable[[], object]], *, repeats: int, sample_seconds: float
+) -> tuple[list[float], list[int]]:
+    """Median seconds per call of each function, and the calls per sample.
+
+    Each function is called once to warm up (caches, allocator, JAX
+    compilation), then sampled in turn ``repeats`` times, the first one of
+    every round rotating so that none always follows the same neighbour.
+    """
+    for fn in fns:
+        fn()
+    loops = [_loops_for(fn, sample_seconds) for fn in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(repeats):
+            for k in range(len(fns)):
+                i = (round_ + k) % len(fns)
+                samples[i].append(_seconds(fns[i], loops[i]) / loops[i])
+    finally:
+        if collecting:
+            gc.enable()
+    return [statistics.median(s) for s in samples], loops
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak memory allocated during one call of ``fn`` above what was allocated
+    before it (the result included), as seen by :mod:`tracemalloc`."""
+    fn()  # one-time allocations (caches) are not the call's
+    gc.collect()
+    already = tracemalloc.is_tracing()
+    if not already:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        if not already:
+            tracemalloc.stop()
+    del result
+    return peak - before
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 6 or fields[0] != "cpu":
+        return None
+    values = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class OtherLoad:
+    """Share of the machine's CPU time used by other processes between
+    :meth:`start` and :meth:`stop` (None where /proc/stat is unavailable).
+
+    A benchmark on a shared machine is only as good as this is low: threads of
+    a multi-threaded library wait for a core another process holds.
+    """
+
+    def __init__(self) -> None:
+        self._ticks: tuple[int, int] | None = None
+        self._own = 0.0
+
+    def start(self) -> None:
+        self._ticks = _cpu_ticks()
+        self._own = _own_cpu_seconds()
+
+    def stop(self) -> float | None:
+        end = _cpu_ticks()
+        if self._ticks is None or end is None or end[1] <= self._ticks[1]:
+            return None
+        per_second = os.sysconf("SC_CLK_TCK")
+        own_ticks = (_own_cpu_seconds() - self._own) * per_second
+        busy, total = end[0] - self._ticks[0], end[1] - self._ticks[1]
+        return min(1.0, max(0.0, (busy - own_ticks) / total))
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def other_load_now(seconds: float = 0.25) -> float | None:
+    """:class:`OtherLoad` over a short idle wait."""
+    monitor = OtherLoad()
+    monitor.start()
+    time.sleep(seconds)
+    return monitor.stop()
+
+
+# -- backends -----------------------------------------------------------------
+
+_KEYS = ("x", "grad_output", "running_mean", "running_var", "weight", "bias")
+
+
+@dataclass(frozen=True)
+class Contest:
+    """What to time for one case on one backend; every call waits for its result."""
+
+    ours: Callable[[], object]
+    baseline: Callable[[], object]
+    baseline_name: str
+    copy: Callable[[], object] | None = None
+    memory: tuple[Callable[[], object], Callable[[], object]] | None = None
+    """(ours, naive) for the peak-memory measurement (NumPy training forward)."""
+
+
+ContestMaker = Callable[[str, dict[str, np.ndarray]], Contest]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str
+    make_contest: ContestMaker
+
+
+class BackendUnavailable(Exception):
+    """The backend's library is not installed, or there is no device for it."""
+
+
+def _synced(fn: Callable[[], object], wait: Callable[[], object] | None) -> Callable[[], object]:
+    if wait is None:
+        return fn
+
+    def call() -> object:
+        result = fn()
+        wait()
+        return result
+
+    return call
+
+
+def _array_module_contests(
+    xp: Any, put: Callable[[np.ndarray], Any], wait: Callable[[], object] | None, *, memory: bool
+) -> ContestMaker:
+    """NumPy and CuPy: ours against a copy and against the naive implementation."""
+
+    def make(case: str, host: dict[str, np.ndarray]) -> Contest:
+        x, g, rm, rv, w, b = (put(host[key]) for key in _KEYS)
+        if case == "backward":
+            forward = batch_norm(x, rm, rv, w, b, training=True)
+            mean, invstd = forward.mean, forward.invstd
+
+            def ours() -> object:
+                return batch_norm_backward(g, x, w, mean, invstd, training=True)
+
+            def naive() -> object:
+                return naive_batch_norm_backward(g, x, w, mean, invstd)
+
+        else:
+            training = case == "train"
+
+            def ours() -> object:
+                return batch_norm(x, rm, rv, w, b, training=training)
+
+            def naive() -> object:
+                return naive_batch_norm(xp, x, rm, rv, w, b, training=training)
+
+        destination = xp.empty_like(x)
+
+        def copy() -> object:
+            return xp.copyto(destination, x)
+
+        return Contest(
+            _synced(ours, wait),
+            _synced(naive, wait),
+            "naive",
+            copy=_synced(copy, wait),
+            memory=(ours, naive) if memory and case == "train" else None,
+        )
+
+    return make
+
+
+def _torch_contests(torch: Any, device: str) -> ContestMaker:
+    """PyTorch: ours against torch.nn.functional.batch_norm and its autograd backward."""
+    functional = torch.nn.functional
+    wait = torch.cuda.synchronize if device == "cuda" else None
+
+    def make(case: str, host: dict[str, np.ndarray]) -> Contest:
+        x, g, rm, rv, w, b = (torch.from_numpy(host[key]).to(device) for key in _KEYS)
+        if case == "backward":
+            forward = batch_norm(x, rm, rv, w, b, training=True)
+
+            def ours() -> object:
+                return batch_norm_backward(g, x, w, forward.mean, forward.invstd, training=True)
+
+            # The graph is built once, outside the timed region: only the backward is timed.
+            leaves = tuple(t.detach().clone().requires_grad_(True) for t in (x, w, b))
+            output = functional.batch_norm(
+                leaves[0], rm.clone(), rv.clone(), leaves[1], leaves[2], training=True, momentum=MOMENTUM, eps=EPS
+            )
+
+            def native() -> object:
+                return torch.autograd.grad(output, leaves, g, retain_graph=True)
+
+            name = "autograd"
+        else:
+            training = case == "train"
+            # F.batch_norm updates the running statistics in place: it gets its own copies.
+            own_mean, own_var = rm.clone(), rv.clone()
+
+            def ours() -> object:
+                return batch_norm(x, rm, rv, w, b, training=training)
+
+            def native() -> object:
+                return functional.batch_norm(x, own_mean, own_var, w, b, training=training, momentum=MOMENTUM, eps=EPS)
+
+            name = "F.batch_norm"
+        return Contest(_synced(ours, wait), _synced(native, wait), name)
+
+    return make
+
+
+def _jax_contests(jax: Any, device: Any) -> ContestMaker:
+    """JAX: jitted ours against the jitted naive implementation."""
+    jnp = importlib.import_module("jax.numpy")
+
+    def forward_pair(training: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        def ours(x: Any, rm: Any, rv: Any, w: Any, b: Any) -> Any:
+            return batch_norm(x, rm, rv, w, b, training=training)
+
+        def naive(x: Any, rm: Any, rv: Any, w: Any, b: Any) -> Any:
+            return naive_batch_norm(jnp, x, rm, rv, w, b, training=training)
+
+        return jax.jit(ours), jax.jit(naive)
+
+    def ours_backward(g: Any, x: Any, w: Any, mean: Any, invstd: Any) -> Any:
+        return batch_norm_backward(g, x, w, mean, invstd, training=True)
+
+    jitted = {
+        "train": forward_pair(True),
+        "eval": forward_pair(False),
+        "backward": (jax.jit(ours_backward), jax.jit(naive_batch_norm_backward)),
+    }
+
+    def make(case: str, host: dict[str, np.ndarray]) -> Contest:
+        x, g, rm, rv, w, b = (jax.device_put(host[key], device) for key in _KEYS)
+        if case == "backward":
+            forward = jitted["train"][0](x, rm, rv, w, b)
+            args: tuple[Any, ...] = (g, x, w, forward.mean, forward.invstd)
+        else:
+            args = (x, rm, rv, w, b)
+        ours_fn, naive_fn = jitted[case]
+
+        def ours() -> object:
+            return jax.block_until_ready(ours_fn(*args))
+
+        def naive() -> object:
+            return jax.block_until_ready(naive_fn(*args))
+
+        return Contest(ours, naive, "naive jit")
+
+    return make
+
+
+def _import(module: str, backend: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{backend}: {module} is not installed ({exc})") from None
+
+
+def load_backend(name: str) -> Backend:
+    """Import one backend and find its device, or raise BackendUnavailable saying why not."""
+    if name == "numpy":
+        return Backend(name, "cpu", _array_module_contests(np, np.asarray, None, memory=True))
+    if name in ("torch", "torch_gpu"):
+        torch = _import("torch", name)
+        if name == "torch_gpu" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch_gpu: torch sees no CUDA device")
+        device = "cuda" if name == "torch_gpu" else "cpu"
+        return Backend(name, device, _torch_contests(torch, device))
+    if name in ("jax", "jax_gpu"):
+        jax = _import("jax", name)
+        jax.config.update("jax_enable_x64", True)  # float64 arrays stay float64
+        kind = "gpu" if name == "jax_gpu" else "cpu"
+        try:
+            jax_device = jax.devices(kind)[0]
+        except RuntimeError:
+            raise BackendUnavailable(f"{name}: JAX sees no {kind} device") from None
+        return Backend(name, str(jax_device), _jax_contests(jax, jax_device))
+    if name == "cupy":
+        cp = _import("cupy", name)
+        try:
+            count = cp.cuda.runtime.getDeviceCount()
+        except Exception:  # noqa: BLE001 - CUDA runtime errors have no common base class
+            count = 0
+        if count == 0:
+            raise BackendUnavailable("cupy: installed but no CUDA device")
+        return Backend(name, "cuda", _array_module_contests(cp, cp.asarray, cp.cuda.Device().synchronize, memory=False))
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+def host_data(shape: tuple[int, ...], dtype: str, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Input, upstream gradient and per-channel vectors (channel axis 1) as NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    channels = shape[1]
+    data = {
+        "x": rng.standard_normal(shape) * 2.0 + 1.0,
+        "grad_output": rng.standard_normal(shape),
+        "running_mean": rng.normal(0.0, 1.0, channels),
+        "running_var": rng.uniform(0.5, 1.5, channels),
+        "weight": rng.uniform(0.5, 1.5, channels),
+        "bias": rng.normal(0.0, 1.0, channels),
+    }
+    return {key: value.astype(dtype) for key, value in data.items()}
+
+
+# -- the run ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured case. Times are medians; ratios are ours / baseline."""
+
+    backend: str
+    device: str
+    dtype: str
+    shape: tuple[int, ...]
+    case: str
+    ours_ms: float
+    baseline: str
+    baseline_ms: float
+    ratio: float
+    overhead_us: float
+    """(ours - baseline) in microseconds: the fixed cost that matters for small calls."""
+    copy_ms: float | None
+    copies: float | None
+    """ours / a same-size array copy (NumPy, CuPy)."""
+    memory_ratio: float | None
+    """Peak extra bytes of the call / output bytes (NumPy training forward)."""
+    naive_memory_ratio: float | None
+    repeats: int
+    loops: tuple[int, ...]
+    """Calls per sample: ours, baseline, copy."""
+    other_load: float | None = None
+    """Share of the CPUs used by other processes while this row was measured (see :class:`OtherLoad`)."""
+
+
+def measure(
+    backend: Backend,
+    case: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    host: dict[str, np.ndarray],
+    *,
+    repeats: int,
+    sample_seconds: float,
+) -> Row:
+    """Time one case (and measure its memory where that applies)."""
+    contest = backend.make_contest(case, host)
+    monitor = OtherLoad()
+    monitor.start()
+    fns = [contest.ours, contest.baseline] + ([contest.copy] if contest.copy is not None else [])
+    times, loops = interleaved_medians(fns, repeats=repeats, sample_seconds=sample_seconds)
+    ours, base = times[0], times[1]
+    copy = times[2] if contest.copy is not None else None
+    memory_ratio = naive_memory_ratio = None
+    if contest.memory is not None:
+        output_bytes = host["x"].nbytes
+        memory_ratio = peak_extra_bytes(contest.memory[0]) / output_bytes
+        naive_memory_ratio = peak_extra_bytes(contest.memory[1]) / output_bytes
+    other_load = monitor.stop()
+    return Row(
+        backend=backend.name,
+        device=backend.device,
+        dtype=dtype,
+        shape=shape,
+        case=case,
+        ours_ms=ours * 1e3,
+        baseline=contest.baseline_name,
+        baseline_ms=base * 1e3,
+        ratio=ours / base,
+        overhead_us=(ours - base) * 1e6,
+        copy_ms=None if copy is None else copy * 1e3,
+        copies=None if copy is None else ours / copy,
+        memory_ratio=memory_ratio,
+        naive_memory_ratio=naive_memory_ratio,
+        repeats=repeats,
+        loops=tuple(loops),
+        other_load=other_load,
+    )
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "(" + ",".join(str(size) for size in shape) + ")"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"32,64,56,56"`` (parentheses and spaces allowed) -> ``(32, 64, 56, 56)``;
+    channel axis 1, more than one value per channel (training)."""
+    parts = [part.strip() for part in text.strip().strip("()[]").split(",") if part.strip()]
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is comma-separated sizes like 32,64,56,56, got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape needs at least two positive sizes (N,C,...), got {text!r}")
+    if math.prod(shape) // shape[1] < 2:
+        raise argparse.ArgumentTypeError(f"training needs more than one value per channel, got {text!r}")
+    return shape
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (call after the backends are loaded)."""
+    torch = sys.modules.get("torch")
+    cupy = sys.modules.get("cupy")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "portable_bn": __version__,
+        "numpy": np.__version__,
+        "torch": _version("torch"),
+        "torch_threads": None if torch is None else torch.get_num_threads(),
+        "jax": _version("jax"),
+        "cupy": None if cupy is None else cupy.__version__,
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "other_load": other_load_now(),
+    }
+
+
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    versions = [f"numpy {machine['numpy']}"]
+    for name in ("torch", "jax", "cupy"):
+        if machine[name] is not None:
+            threads = f" ({machine['torch_threads']} threads)" if name == "torch" and machine["torch_threads"] else ""
+            versions.append(f"{name} {machine[name]}{threads}")
+    coretype = machine["openblas_coretype"]
+    load, others = machine["load_average"], machine["other_load"]
+    return [
+        f"portable_bn {machine['portable_bn']} bench, {machine['date']}",
+        f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
+        f"{machine['platform']}, Python {machine['python']}"
+        + ("" if load is None else f"; at start: load average {load[0]:.2f}")
+        + ("" if others is None else f", {others:.0%} of the CPUs used by other processes"),
+        f"versions: {', '.join(versions)}; OPENBLAS_CORETYPE {'unset' if coretype is None else '=' + coretype}",
+    ]
+
+
+# -- targets ------------------------------------------------------------------
+
+
+def _size(row: Row) -> int:
+    return math.prod(row.shape)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal of the project: ``metric`` (a Row field) <= ``limit`` on every row it applies to."""
+
+    key: str
+    description: str
+    metric: str
+    limit: float
+    applies: Callable[[Row], bool]
+
+
+TARGETS = (
+    Target(
+        "numpy-train-copies",
+        "NumPy float32 training forward, ResNet-like shapes (copies)",
+        "copies",
+        3.0,
+        lambda r: r.backend == "numpy" and r.dtype == "float32" and r.case == "train" and r.shape in RESNET_SHAPES,
+    ),
+    Target(
+        "numpy-eval-copies",
+        "NumPy float32 eval forward, ResNet-like shapes (copies)",
+        "copies",
+        1.6,
+        lambda r: r.backend == "numpy" and r.dtype == "float32" and r.case == "eval" and r.shape in RESNET_SHAPES,
+    ),
+    Target(
+        "numpy-backward-copies",
+        "NumPy float32 backward, ResNet-like shapes (copies)",
+        "copies",
+        4.0,
+        lambda r: r.backend == "numpy" and r.dtype == "float32" and r.case == "backward" and r.shape in RESNET_SHAPES,
+    ),
+    Target(
+        "torch-native",
+        "PyTorch, large shapes (x native F.batch_norm / autograd)",
+        "ratio",
+        1.10,
+        lambda r: r.backend in ("torch", "torch_gpu") and _size(r) >= LARGE_SIZE,
+    ),
+    Target(
+        "small-call-overhead",
+        "NumPy small calls (us over naive NumPy)",
+        "overhead_us",
+        30.0,
+        lambda r: r.backend == "numpy" and _size(r) < SMALL_SIZE,
+    ),
+    Target(
+        "numpy-memory",
+        "NumPy training forward, large shapes (peak extra memory / output)",
+        "memory_ratio",
+        1.5,
+        lambda r: r.backend == "numpy" and r.case == "train" and _size(r) >= LARGE_SIZE,
+    ),
+    Target(
+        "jax-jit",
+        "JAX jit, large shapes (x naive jnp under jit)",
+        "ratio",
+        1.10,
+        lambda r: r.backend in ("jax", "jax_gpu") and _size(r) >= LARGE_SIZE,
+    ),
+)
+
+
+def evaluate_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """For each target: the worst measured value, where, how many rows are within, met or not."""
+    results = []
+    for target in TARGETS:
+        measured = [(getattr(r, target.metric), r) for r in rows if target.applies(r)]
+        measured = [(value, r) for value, r in measured if value is not None]
+        result: dict[str, Any] = {"key": target.key, "description": target.description, "limit": target.limit}
+        if not measured:
+            result.update(measured=0, within=0, worst=None, worst_case=None, met=None)
+        else:
+            worst, row = max(measured, key=lambda item: item[0])
+            result.update(
+                measured=len(measured),
+                within=sum(value <= target.limit for value, _ in measured),
+                worst=worst,
+                worst_case=f"{row.backend} {row.dtype} {shape_text(row.shape)} {row.case}",
+                met=worst <= target.limit,
+            )
+        results.append(result)
+    return results
+
+
+# -- output -------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.{digits - 1}f}"
+    return f"{value:.{digits}g}"
+
+
+def table_lines(rows: Sequence[Row]) -> list[str]:
+    header = (
+        "backend",
+        "dtype",
+        "shape",
+        "case",
+        "ours ms",
+        "baseline",
+        "base ms",
+        "ours/base",
+        "+us",
+        "copy ms",
+        "copies",
+        "mem/out",
+        "others",
+    )
+    cells = [header]
+    for r in rows:
+        cells.append(
+            (
+                r.backend,
+                r.dtype,
+                shape_text(r.shape),
+                r.case,
+                _number(r.ours_ms),
+                r.baseline,
+                _number(r.baseline_ms),
+                f"{r.ratio:.2f}",
+                f"{r.overhead_us:.1f}",
+                _number(r.copy_ms),
+                "-" if r.copies is None else f"{r.copies:.2f}",
+                "-" if r.memory_ratio is None else f"{r.memory_ratio:.2f}",
+                "-" if r.other_load is None else f"{r.other_load:.0%}",
+            )
+        )
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    left = {0, 1, 2, 3, 5}
+    lines = []
+    for row in [cells[0], tuple("-" * w for w in widths), *cells[1:]]:
+        parts = [
+            cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+def target_lines(targets: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["targets (worst measured case):"]
+    width = max(len(t["description"]) for t in targets)
+    for t in targets:
+        head = f"  {t['description'].ljust(width)}  <= {t['limit']!s:<5}"
+        if t["met"] is None:
+            lines.append(f"{head}  not measured")
+        else:
+            status = "met" if t["met"] else "NOT MET"
+            lines.append(
+                f"{head}  worst {t['worst']:.2f} at {t['worst_case']}: {status} ({t['within']}/{t['measured']} within)"
+            )
+    return lines
+
+
+_PANELS = {
+    # backend: [(Row field, y label)]
+    "numpy": [("copies", "time / array copy"), ("ratio", "time / naive NumPy")],
+    "cupy": [("copies", "time / array copy"), ("ratio", "time / naive CuPy")],
+    "torch": [("ratio", "time / PyTorch native")],
+    "torch_gpu": [("ratio", "time / PyTorch native")],
+    "jax": [("ratio", "time / naive jnp (jit)")],
+    "jax_gpu": [("ratio", "time / naive jnp (jit)")],
+}
+
+
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_plot(rows: Sequence[Row], path: str, targets: Sequence[Target] = TARGETS) -> None:
+    """Bar charts of the ratios, one panel per (backend, baseline), log scale, targets dashed."""
+    figure_module = importlib.import_module("matplotlib.figure")
+    ticker = importlib.import_module("matplotlib.ticker")
+    backends = [name for name in BACKENDS if any(r.backend == name for r in rows)]
+    panels = [(name, field, label) for name in backends for field, label in _PANELS[name]]
+    groups_count = max(len({(r.dtype, r.shape) for r in rows if r.backend == name}) for name in backends)
+    figure = figure_module.Figure(figsize=(max(6.0, 1.1 * groups_count + 2), 2.8 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(CASES)
+    for ax, (name, field, label) in zip(axes, panels, strict=True):
+        mine = [r for r in rows if r.backend == name]
+        groups = list(dict.fromkeys((r.dtype, r.shape) for r in mine))
+        colors: dict[str, Any] = {}
+        for j, case in enumerate(CASES):
+            points = [
+                (i, getattr(r, field))
+                for i, g in enumerate(groups)
+                for r in mine
+                if (r.dtype, r.shape) == g and r.case == case
+            ]
+            colors[case] = ax.bar([i + (j - 1) * width for i, _ in points], [v for _, v in points], width, label=case)
+        for target in targets:
+            cases = {r.case for r in mine if target.metric == field and target.applies(r)}
+            for case in cases if cases != set(CASES) else ():
+                color = colors[case].patches[0].get_facecolor() if colors[case].patches else "black"
+                ax.axhline(target.limit, color=color, linestyle="--", linewidth=1)
+            if cases == set(CASES):  # one limit for every case
+                ax.axhline(target.limit, color="black", linestyle="--", linewidth=1)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        low, high = ax.get_ylim()
+        if high < 10 * low:  # within a decade the major ticks alone may be too few to read
+            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+        else:
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks(range(len(groups)), [f"{dtype}\n{shape_text(shape)}" for dtype, shape in groups], fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_title(f"{name} (dashed: targets)", fontsize=9)
+        ax.legend(fontsize=7)
+    figure.savefig(path, dpi=120)
+
+
+# -- the command --------------------------------------------------------------
+
+
+def bench(
+    *,
+    backends: Sequence[str] | None = None,
+    shapes: Sequence[tuple[int, ...]] | None = None,
+    dtypes: Sequence[str] | None = None,
+    quick: bool = False,
+    repeats: int | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run the benchmark, print the table (``out``) and progress (``err``); 0 on success.
+
+    ``quick``: the small shape and (32,64,56,56), float32, 3 repeats, short
+    samples; explicit ``shapes``, ``dtypes`` and ``repeats`` still win.
+    Targets not met do not change the exit status (this measures, it does
+    not test).
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if plot_path is not None and not have_matplotlib():
+        print(
+            "error: --plot needs matplotlib, which is not installed: "
+            "pip install matplotlib (or pip install 'portable_bn[bench]')",
+            file=err,
+        )
+        return 2
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(f"error: {option} {path}: no such directory", file=err)
+            return 2
+    shapes = list(dict.fromkeys(shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES)))
+    dtypes = list(dict.fromkeys(dtypes or (QUICK_DTYPES if quick else DTYPES)))
+    sample_seconds = QUICK_SAMPLE_SECONDS if quick else SAMPLE_SECONDS
+
+    loaded: list[Backend] = []
+    skipped: list[str] = []
+    for name in dict.fromkeys(backends or BACKENDS):
+        try:
+            loaded.append(load_backend(name))
+        except BackendUnavailable as why:
+            skipped.append(str(why))
+            print(f"skipped: {why}", file=err)
+    if not loaded:
+        print("error: no backend to benchmark", file=err)
+        return 1
+
+    machine = machine_info()
+    for line in machine_lines(machine):
+        print(line, file=out)
+    out.flush()
+    if machine["other_load"] is not None and machine["other_load"] > 0.1:
+        print(
+            f"warning: other processes use {machine['other_load']:.0%} of the CPUs: they compete with the "
+            "benchmark, and multi-threaded calls (torch, jax) suffer most; see the 'others' column",
+            file=err,
+        )
+
+    rows: list[Row] = []
+    total = len(loaded) * len(dtypes) * len(shapes) * len(CASES)
+    done = 0
+    for backend in loaded:
+        for dtype in dtypes:
+            for shape in shapes:
+                host = host_data(shape, dtype)
+                count = repeats or (QUICK_REPEATS if quick else default_repeats(shape))
+                for case in CASES:
+                    done += 1
+                    print(f"[{done}/{total}] {backend.name} {dtype} {shape_text(shape)} {case} ...", end=" ", file=err)
+                    err.flush()
+                    row = measure(backend, case, shape, dtype, host, repeats=count, sample_seconds=sample_seconds)
+                    print(f"{_number(row.ours_ms)} ms, {row.ratio:.2f}x {row.baseline}", file=err)
+                    rows.append(row)
+
+    targets = evaluate_targets(rows)
+    print("", file=out)
+    for line in table_lines(rows):
+        print(line, file=out)
+    print("", file=out)
+    for line in target_lines(targets):
+        print(line, file=out)
+    for reason in skipped:
+        print(f"skipped: {reason}", file=out)
+
+    if json_path is not None:
+        document = {
+            "machine": machine,
+            "settings": {
+                "backends": [b.name for b in loaded],
+                "shapes": shapes,
+                "dtypes": dtypes,
+                "quick": quick,
+                "repeats": repeats,
+                "sample_seconds": sample_seconds,
+                "momentum": MOMENTUM,
+                "eps": EPS,
+            },
+            "rows": [asdict(row) for row in rows],
+            "targets": targets,
+            "skipped": skipped,
+        }
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+        print(f"wrote {json_path}", file=out)
+    if plot_path is not None:
+        write_plot(rows, plot_path)
+        print(f"wrote {plot_path}", file=out)
+    return 0
