@@ -43,9 +43,14 @@ def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
     return xp.float32
 
 
+def _as(xp: ModuleType, array: Any, dtype: Any) -> Any:
+    """``astype`` that costs nothing when the dtype is already right (small calls)."""
+    return array if array.dtype == dtype else xp.astype(array, dtype)
+
+
 def _channel(xp: ModuleType, vector: Any, recipe: Recipe, dtype: Any) -> Any:
     """A per-channel vector cast to ``dtype``, shaped to broadcast over the input."""
-    return xp.reshape(xp.astype(vector, dtype, copy=False), recipe.param_shape)
+    return xp.reshape(_as(xp, vector, dtype), recipe.param_shape)
 
 
 def power_of_two_scale(xp: ModuleType, low: Any, high: Any) -> Any:
@@ -117,8 +122,8 @@ def batch_statistics(
 
 def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtype: Any, eps: float) -> Statistics:
     """Eval-mode statistics from the running buffers."""
-    mean = xp.astype(running_mean, dtype, copy=False)
-    invstd = 1.0 / xp.sqrt(xp.astype(running_var, dtype, copy=False) + eps)
+    mean = _as(xp, running_mean, dtype)
+    invstd = 1.0 / xp.sqrt(_as(xp, running_var, dtype) + eps)
     return Statistics(mean, invstd, None)
 
 
@@ -128,14 +133,14 @@ def scale_and_shift(
     """y = (values - residual) * (invstd * weight) + bias, folded into one
     per-channel scale and shift so the full-size work is one multiply and one add."""
     dtype = centered.values.dtype
-    scale = centered.invstd if weight is None else centered.invstd * xp.astype(weight, dtype, copy=False)
-    shift = None if bias is None else xp.astype(bias, dtype, copy=False)
+    scale = centered.invstd if weight is None else centered.invstd * _as(xp, weight, dtype)
+    shift = None if bias is None else _as(xp, bias, dtype)
     if centered.residual is not None:
         shift = -centered.residual * scale if shift is None else shift - centered.residual * scale
     out = centered.values * xp.reshape(scale, recipe.param_shape)
     if shift is not None:
         out = out + xp.reshape(shift, recipe.param_shape)
-    return xp.astype(out, out_dtype, copy=False)
+    return _as(xp, out, out_dtype)
 
 
 def updated_running_stats(
@@ -161,15 +166,15 @@ def updated_running_stats(
     dtype = batch_mean.dtype
     unbiased_var = batch_var * (recipe.count_per_channel / (recipe.count_per_channel - 1))
     keep = 1.0 - factor
-    new_mean = keep * xp.astype(running_mean, dtype, copy=False) + factor * batch_mean
-    new_var = keep * xp.astype(running_var, dtype, copy=False) + factor * unbiased_var
+    new_mean = keep * _as(xp, running_mean, dtype) + factor * batch_mean
+    new_var = keep * _as(xp, running_var, dtype) + factor * unbiased_var
     if skip_nonfinite:
         finite = xp.isfinite(batch_mean) & xp.isfinite(unbiased_var)
-        new_mean = xp.where(finite, new_mean, xp.astype(running_mean, dtype, copy=False))
-        new_var = xp.where(finite, new_var, xp.astype(running_var, dtype, copy=False))
+        new_mean = xp.where(finite, new_mean, _as(xp, running_mean, dtype))
+        new_var = xp.where(finite, new_var, _as(xp, running_var, dtype))
     return (
-        xp.astype(new_mean, running_mean.dtype, copy=False),
-        xp.astype(new_var, running_var.dtype, copy=False),
+        _as(xp, new_mean, running_mean.dtype),
+        _as(xp, new_var, running_var.dtype),
     )
 
 
@@ -190,12 +195,12 @@ def backward(
     eval:     dx = g * w * invstd   (the statistics are constants)
     """
     dtype = compute_dtype(xp, x.dtype)
-    grad = xp.astype(grad_output, dtype, copy=False)
-    xhat = (xp.astype(x, dtype, copy=False) - _channel(xp, mean, recipe, dtype)) * _channel(xp, invstd, recipe, dtype)
+    grad = _as(xp, grad_output, dtype)
+    xhat = (_as(xp, x, dtype) - _channel(xp, mean, recipe, dtype)) * _channel(xp, invstd, recipe, dtype)
     grad_bias = xp.sum(grad, axis=recipe.reduce_axes)
     grad_weight = xp.sum(grad * xhat, axis=recipe.reduce_axes)
-    invstd_c = xp.astype(invstd, dtype, copy=False)
-    scale = invstd_c if weight is None else invstd_c * xp.astype(weight, dtype, copy=False)
+    invstd_c = _as(xp, invstd, dtype)
+    scale = invstd_c if weight is None else invstd_c * _as(xp, weight, dtype)
     if training:
         count = max(recipe.count_per_channel, 1)  # n = 0: every sum is 0 and grad_input is empty
         grad = (
@@ -206,7 +211,7 @@ def backward(
     grad_input = grad * xp.reshape(scale, recipe.param_shape)
     param_dtype = dtype if weight is None else weight.dtype
     return (
-        xp.astype(grad_input, x.dtype, copy=False),
-        xp.astype(grad_weight, param_dtype, copy=False),
-        xp.astype(grad_bias, param_dtype, copy=False),
+        _as(xp, grad_input, x.dtype),
+        _as(xp, grad_weight, param_dtype),
+        _as(xp, grad_bias, param_dtype),
     )

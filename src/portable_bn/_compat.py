@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 from array_api_compat import (
     array_namespace,
     device,
@@ -20,6 +21,9 @@ from array_api_compat import (
     is_torch_namespace,
     to_device,
 )
+
+_ndarray = np.ndarray
+_numpy_namespace = array_namespace(np.empty(0))
 
 __all__ = [
     "array_namespace",
@@ -47,6 +51,8 @@ def describe_namespace(xp: ModuleType) -> str:
 
 def namespace_of(value: Any, name: str) -> ModuleType:
     """Namespace of one argument, or a TypeError that names the argument."""
+    if type(value) is _ndarray:  # the common case, answered without array_namespace's checks
+        return _numpy_namespace
     if not is_array_api_obj(value):
         raise TypeError(
             f"{name} must be an array of a supported library (NumPy, PyTorch, CuPy, "
@@ -81,6 +87,8 @@ def devices_differ(a: Any, b: Any) -> bool:
     JAX tracers inside ``jax.jit`` report no device (array-api-compat returns
     None); placement is then JAX's business, so we do not call it a mismatch.
     """
+    if type(a) is _ndarray:  # NumPy has one device
+        return False
     dev_a, dev_b = device(a), device(b)
     if dev_a is None or dev_b is None:
         return False
@@ -120,8 +128,6 @@ def default_integer_dtype(xp: ModuleType, dev: Any) -> Any:
 
 def to_numpy(value: Any) -> Any:
     """Host NumPy copy of any supported array (also the fallback route of convert_array)."""
-    import numpy as np
-
     if is_numpy_array(value):
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch: CUDA, grad, bfloat16

@@ -6,11 +6,14 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _agnostic, _validate
+from . import _agnostic, _numpy_fast, _validate
 from ._compat import detach
 from ._recipe import Recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
+
+FAST_PATHS = True
+"""Use backend-specific fast paths (:mod:`._numpy_fast`); the suite turns them off to compare."""
 
 
 class BatchNormResult(NamedTuple):
@@ -165,16 +168,7 @@ def forward(
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
 
-    dtype = _agnostic.compute_dtype(xp, x.dtype)
-    x_compute = xp.astype(x, dtype, copy=False)
-    if training:
-        stats, centered = _agnostic.batch_statistics(
-            xp, x_compute, recipe, eps, prescale=dtype == x.dtype, want_var=running_mean is not None
-        )
-    else:
-        stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
-        centered = _agnostic.Centered(x_compute - xp.reshape(stats.mean, recipe.param_shape), None, stats.invstd)
-    output = _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
+    stats, output = _normalize(xp, x, running_mean, running_var, weight, bias, recipe, training=training, eps=eps)
     if training and running_mean is not None:
         running_mean, running_var = _agnostic.updated_running_stats(
             xp,
@@ -187,6 +181,40 @@ def forward(
             skip_nonfinite=skip_nonfinite,
         )
     return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
+
+
+def _normalize(
+    xp: ModuleType,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    training: bool,
+    eps: float,
+) -> tuple[_agnostic.Statistics, Any]:
+    """Statistics and output: the NumPy fast path where it applies, else the agnostic code."""
+    want_var = running_mean is not None
+    if FAST_PATHS and recipe.count_per_channel > 0 and _numpy_fast.eligible(x, weight, bias, running_mean):
+        if training:
+            fast = _numpy_fast.train_forward(x, weight, bias, axis=recipe.channel_axis, eps=eps, want_var=want_var)
+            if fast is not None:  # None: NaN/Inf or huge data, which the agnostic path handles
+                return _agnostic.Statistics(fast.mean, fast.invstd, fast.batch_var), fast.output
+        else:
+            stats = _agnostic.running_statistics(xp, running_mean, running_var, x.dtype, eps)
+            return stats, _numpy_fast.eval_forward(x, stats.mean, stats.invstd, weight, bias, axis=recipe.channel_axis)
+    dtype = _agnostic.compute_dtype(xp, x.dtype)
+    x_compute = xp.astype(x, dtype, copy=False)
+    if training:
+        stats, centered = _agnostic.batch_statistics(
+            xp, x_compute, recipe, eps, prescale=dtype == x.dtype, want_var=want_var
+        )
+    else:
+        stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
+        centered = _agnostic.Centered(x_compute - xp.reshape(stats.mean, recipe.param_shape), None, stats.invstd)
+    return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
 
 
 def _shape_of(x: Any) -> tuple[int, ...]:
@@ -259,4 +287,11 @@ def batch_norm_backward(
     if grad_output.dtype != x.dtype:
         raise TypeError(f"grad_output must have the dtype of x ({x.dtype}), got {grad_output.dtype}")
     recipe = _checked_recipe(xp, x, axis, weight=weight, mean=mean, invstd=invstd)
+    if (
+        FAST_PATHS
+        and recipe.count_per_channel > 0
+        and _numpy_fast.eligible(x, grad_output, weight, mean, invstd)
+        and grad_output.flags.c_contiguous
+    ):
+        return _numpy_fast.backward(grad_output, x, weight, mean, invstd, axis=recipe.channel_axis, training=training)
     return _agnostic.backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training)

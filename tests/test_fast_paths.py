@@ -1,0 +1,102 @@
+"""Every fast path equals the agnostic path (and both the float64 reference).
+
+The NumPy fast path (``_numpy_fast``) is taken by default for C-contiguous
+float32/float64 ndarrays; ``_functional.FAST_PATHS = False`` forces the
+agnostic code, so the two can be compared on the same input.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import portable_bn as pbn
+from portable_bn import _functional, _numpy_fast
+from portable_bn._check import sample
+from portable_bn._reference import reference_backward, reference_batch_norm
+from portable_bn._tolerance import max_error, tolerance
+
+
+def both_paths(func, *args, **kwargs):
+    fast = func(*args, **kwargs)
+    _functional.FAST_PATHS = False
+    try:
+        agnostic = func(*args, **kwargs)
+    finally:
+        _functional.FAST_PATHS = True
+    return fast, agnostic
+
+
+SHAPES = [((6, 4), 1), ((4, 3, 7), 1), ((5, 3, 4, 6), 1), ((2, 3, 2, 3, 4), 1), ((4, 5, 6, 3), -1), ((3, 4, 5), 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis"), SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_numpy_fast_path_equals_agnostic_path(dtype, shape, axis, training, affine):
+    rng = np.random.default_rng(0)
+    channels = shape[axis]
+    x = sample(shape, seed=1, axis=axis).astype(dtype)
+    rm, rv = rng.normal(size=channels).astype(dtype), rng.uniform(0.5, 2, channels).astype(dtype)
+    w = rng.uniform(0.5, 2, channels).astype(dtype) if affine else None
+    b = rng.normal(size=channels).astype(dtype) if affine else None
+    assert _numpy_fast.eligible(x, w, b, rm)
+    fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, w, b, training=training, momentum=0.3, axis=axis)
+    expected = reference_batch_norm(x, rm, rv, w, b, training=training, momentum=0.3, axis=axis)
+    tol = tolerance(np.dtype(dtype).name)
+    for name in ("output", "running_mean", "running_var", "mean", "invstd"):
+        f, a = getattr(fast, name), getattr(agnostic, name)
+        assert f.dtype == a.dtype and f.shape == a.shape, name
+        assert max_error(f, a) <= tol, name
+        assert max_error(f, expected[name]) <= tol, name
+    grad = rng.normal(size=shape).astype(dtype)
+    fast_grads, agnostic_grads = both_paths(
+        pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training, axis=axis
+    )
+    want = reference_backward(grad, x, w, fast.mean, fast.invstd, training=training, axis=axis)
+    for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
+        assert f.dtype == a.dtype and f.shape == a.shape
+        assert max_error(f, a) <= tol
+        assert max_error(f, e) <= tol
+
+
+@pytest.mark.parametrize(
+    ("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (2.0**59, 2.0**59), (0.0, 1e20), (0.0, 3e37)]
+)
+def test_hard_data_takes_a_correct_path(offset, spread):
+    """Large offsets stay on the fast path; data whose squares or sums would
+    overflow fall back to the (prescaling) agnostic path: same results."""
+    x = (offset + spread * np.random.default_rng(2).normal(size=(64, 3, 8, 8))).astype(np.float32)
+    fast, agnostic = both_paths(pbn.batch_norm, x, training=True)
+    expected = reference_batch_norm(x.astype(np.float64), training=True)["output"]
+    assert max_error(fast.output, expected) <= tolerance("float32")
+    assert max_error(fast.output, agnostic.output) <= tolerance("float32")
+
+
+def test_constant_and_nonfinite_channels_agree():
+    x = np.random.default_rng(3).normal(size=(8, 4, 5)).astype(np.float32)
+    x[:, 1] = 1e15
+    x[:, 2] = 7.25
+    bias = np.arange(4, dtype=np.float32)
+    fast, agnostic = both_paths(pbn.batch_norm, x, bias=bias, training=True)
+    np.testing.assert_array_equal(fast.output[:, 1:3], agnostic.output[:, 1:3])
+    np.testing.assert_array_equal(fast.output[:, 1], np.float32(1.0))
+    x[0, 3, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fast, agnostic = both_paths(pbn.batch_norm, x, bias=bias, training=True)
+    np.testing.assert_array_equal(fast.output, agnostic.output)  # NaN data: the agnostic path itself
+
+
+def test_ineligible_inputs_take_the_agnostic_path():
+    x = sample((4, 3, 5), seed=4)
+    assert not _numpy_fast.eligible(x[:, :, ::2])  # not contiguous
+    assert not _numpy_fast.eligible(x.astype(np.float16))  # computed in float32 by the agnostic path
+    assert not _numpy_fast.eligible(np.ma.masked_array(x))  # a subclass
+    strided = x[:, :, ::2]
+    result = pbn.batch_norm(strided, training=True)
+    expected = reference_batch_norm(strided, training=True)["output"]
+    assert max_error(result.output, expected) <= tolerance("float64")
