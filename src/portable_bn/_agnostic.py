@@ -11,7 +11,7 @@ import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._compat import device
+from ._compat import device, multiply_add
 from ._recipe import Recipe
 
 
@@ -120,6 +120,17 @@ def batch_statistics(
     return Statistics(mean, invstd, batch_var), normalizer
 
 
+def needs_prescale(xp: ModuleType, stats: Statistics) -> Any:
+    """0-d bool: statistics computed without prescaling that cannot be trusted --
+    a variance that overflowed (or NaN/Inf data), or a spread at the rounding
+    level of the mean (a numerically constant channel, which prescaling makes
+    exact)."""
+    spread = xp.sqrt(stats.batch_var)
+    resolution = (8 * xp.finfo(stats.mean.dtype).eps) * xp.abs(stats.mean)
+    suspicious = (spread <= resolution) & (stats.mean != 0.0)
+    return xp.any(~xp.isfinite(stats.batch_var)) | xp.any(suspicious)
+
+
 def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtype: Any, eps: float) -> Statistics:
     """Eval-mode statistics from the running buffers."""
     mean = _as(xp, running_mean, dtype)
@@ -137,9 +148,12 @@ def scale_and_shift(
     shift = None if bias is None else _as(xp, bias, dtype)
     if centered.residual is not None:
         shift = -centered.residual * scale if shift is None else shift - centered.residual * scale
-    out = centered.values * xp.reshape(scale, recipe.param_shape)
-    if shift is not None:
-        out = out + xp.reshape(shift, recipe.param_shape)
+    if shift is None:
+        out = centered.values * xp.reshape(scale, recipe.param_shape)
+    else:
+        out = multiply_add(
+            xp, centered.values, xp.reshape(scale, recipe.param_shape), xp.reshape(shift, recipe.param_shape)
+        )
     return _as(xp, out, out_dtype)
 
 

@@ -18,6 +18,7 @@ from array_api_compat import (
     is_dask_array,
     is_jax_namespace,
     is_numpy_array,
+    is_torch_array,
     is_torch_namespace,
     to_device,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "detach",
     "device",
     "devices_differ",
+    "multiply_add",
     "namespace_of",
     "resolve_namespace",
     "to_numpy",
@@ -93,6 +95,24 @@ def devices_differ(a: Any, b: Any) -> bool:
     if dev_a is None or dev_b is None:
         return False
     return bool(dev_a != dev_b)
+
+
+def values_are_cheap(x: Any) -> bool:
+    """True for eager arrays whose values the host can read at no cost and whose
+    overflow is silent: torch on the CPU, where a value-dependent shortcut is
+    allowed. (NumPy has its own fast path; never lazy or traced arrays -- Dask,
+    jax.jit --, GPU arrays, where reading means a sync, or torch "meta".)"""
+    return is_torch_array(x) and x.device.type == "cpu"
+
+
+def multiply_add(xp: ModuleType, values: Any, scale: Any, shift: Any) -> Any:
+    """``values * scale + shift``. torch: one fused ``addcmul`` kernel instead of
+    two passes and a temporary (same rounding as PyTorch's own kernels)."""
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.addcmul(shift, values, scale)
+    return values * scale + shift
 
 
 def detach(xp: ModuleType, x: Any) -> Any:

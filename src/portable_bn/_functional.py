@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _agnostic, _numpy_fast, _validate
-from ._compat import detach
+from ._compat import detach, values_are_cheap
 from ._recipe import Recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
@@ -208,9 +208,14 @@ def _normalize(
     dtype = _agnostic.compute_dtype(xp, x.dtype)
     x_compute = xp.astype(x, dtype, copy=False)
     if training:
-        stats, centered = _agnostic.batch_statistics(
-            xp, x_compute, recipe, eps, prescale=dtype == x.dtype, want_var=want_var
-        )
+        prescale = dtype == x.dtype
+        if prescale and values_are_cheap(x):
+            # Eager CPU arrays: try without the prescaling passes; keep the result
+            # unless the statistics show the data needed them (a host check, free here).
+            stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=False, want_var=True)
+            if not bool(_agnostic.needs_prescale(xp, stats)):
+                return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
+        stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=prescale, want_var=want_var)
     else:
         stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
         centered = _agnostic.Centered(x_compute - xp.reshape(stats.mean, recipe.param_shape), None, stats.invstd)
