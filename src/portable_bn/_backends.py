@@ -103,6 +103,14 @@ _MAKERS: dict[str, Callable[[Combination, np.ndarray, Any], Any]] = {
 }
 
 
+def cupy_device_count(cp: Any) -> int:
+    """CUDA devices CuPy sees; 0 where the CUDA runtime is missing or fails."""
+    try:
+        return int(cp.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - CUDA runtime errors have no common base class
+        return 0
+
+
 class BackendUnavailable(Exception):
     """The backend's library is not installed, or it has no device here."""
 
@@ -155,11 +163,7 @@ def _combinations(backend: str) -> Iterator[Combination]:
             yield Combination(backend, da, "cpu", name, values=True, lazy=True)
     elif backend == "cupy":
         cp = importlib.import_module("cupy")
-        try:
-            count = cp.cuda.runtime.getDeviceCount()
-        except Exception:  # noqa: BLE001 - CUDA runtime errors have no common base class
-            count = 0
-        if count == 0:
+        if cupy_device_count(cp) == 0:
             raise BackendUnavailable("cupy: installed but no CUDA device")
         for name in ("float16", "float32", "float64"):
             yield Combination(backend, cp, "cuda", name, values=True)

@@ -49,6 +49,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import __version__, batch_norm, batch_norm_backward
+from ._backends import BackendUnavailable, cupy_device_count
 
 BACKENDS = ("numpy", "torch", "jax", "cupy", "torch_gpu", "jax_gpu")
 """Names as in ``python -m portable_bn check``; the GPU ones are skipped without a GPU."""
@@ -277,10 +278,6 @@ class Backend:
     make_contest: ContestMaker
 
 
-class BackendUnavailable(Exception):
-    """The backend's library is not installed, or there is no device for it."""
-
-
 def _synced(fn: Callable[[], object], wait: Callable[[], object] | None) -> Callable[[], object]:
     if wait is None:
         return fn
@@ -445,11 +442,7 @@ def load_backend(name: str) -> Backend:
         return Backend(name, str(jax_device), _jax_contests(jax, jax_device))
     if name == "cupy":
         cp = _import("cupy", name)
-        try:
-            count = cp.cuda.runtime.getDeviceCount()
-        except Exception:  # noqa: BLE001 - CUDA runtime errors have no common base class
-            count = 0
-        if count == 0:
+        if cupy_device_count(cp) == 0:
             raise BackendUnavailable("cupy: installed but no CUDA device")
         return Backend(name, "cuda", _array_module_contests(cp, cp.asarray, cp.cuda.Device().synchronize, memory=False))
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
