@@ -90,6 +90,25 @@ def check(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """The property tests with many random examples (hypothesis profile "fuzz") on every CPU backend.
+
+    Not part of the default sessions (it runs for a long time); failures are saved
+    in .hypothesis/ and replayed first on the next run.
+    """
+    session.install("-e", ".[test,strict,jax,dask]")
+    install_torch(session, cuda=False)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/test_properties.py",
+        *session.posargs,
+        env={"PBN_HYPOTHESIS_PROFILE": "fuzz", "PBN_BACKENDS": ",".join(CPU_BACKENDS)},
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Speed and memory ratios: python -m portable_bn bench [posargs], e.g. -- --quick --json bench.json."""
     session.install("-e", ".[bench,jax]")

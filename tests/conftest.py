@@ -8,6 +8,10 @@ Fixtures
 - ``combo``: every (backend, device, dtype), including value-less devices
   (torch "meta").
 - ``vcombo``: the combinations that hold values (everything but "meta").
+
+Hypothesis profiles (``PBN_HYPOTHESIS_PROFILE``, default ``ci``): ``ci``
+(25 examples, derandomized: the same examples on every run), ``dev`` (10)
+and ``fuzz`` (2000, random, failures saved in ``.hypothesis/``).
 """
 
 from __future__ import annotations
@@ -15,8 +19,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from portable_bn import _backends
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None)
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.register_profile("fuzz", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("PBN_HYPOTHESIS_PROFILE", "ci"))
 
 
 def selected_backends() -> list[str]:
