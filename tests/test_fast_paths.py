@@ -63,9 +63,7 @@ def test_numpy_fast_path_equals_agnostic_path(dtype, shape, axis, training, affi
         assert max_error(f, e) <= tol
 
 
-@pytest.mark.parametrize(
-    ("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (2.0**59, 2.0**59), (0.0, 1e20), (0.0, 3e37)]
-)
+@pytest.mark.parametrize(("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (2.0**59, 2.0**59), (0.0, 1e20), (0.0, 3e37)])
 def test_hard_data_takes_a_correct_path(offset, spread):
     """Large offsets stay on the fast path; data whose squares or sums would
     overflow fall back to the (prescaling) agnostic path: same results."""
