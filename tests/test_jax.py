@@ -67,3 +67,20 @@ def test_running_statistics_carry_no_gradient(jnp):
         return jnp.sum(result.running_mean) + jnp.sum(result.running_var)
 
     np.testing.assert_array_equal(np.asarray(jax.grad(running_sum)(jnp.asarray(host))), np.zeros(host.shape))
+
+
+@pytest.mark.parametrize(("offset", "spread", "constant"), [(0.0, 1e20, False), (1e4, 0.1, False), (1e15, 1.0, True)])
+def test_jit_takes_the_prescaling_branch_on_hard_data(jnp, offset, spread, constant):
+    """Under jit the no-prescaling shortcut is a lax.cond: hard data must take the other branch."""
+    import jax
+
+    host = offset + spread * np.random.default_rng(5).normal(size=(8, 3, 4))
+    if constant:
+        host[:, 1] = offset
+    x = jnp.asarray(host, dtype=jnp.float32)
+    bias = jnp.asarray([0.5, -1.0, 2.0], dtype=jnp.float32)
+    out = jax.jit(lambda x: pbn.batch_norm(x, bias=bias, training=True).output)(x)
+    expected = reference_batch_norm(np.asarray(x, dtype=np.float64), bias=np.asarray(bias), training=True)["output"]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-5)
+    if constant:
+        np.testing.assert_array_equal(np.asarray(out)[:, 1], np.float32(-1.0))

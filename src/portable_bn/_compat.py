@@ -31,6 +31,7 @@ __all__ = [
     "as_parameter",
     "convert_array",
     "default_integer_dtype",
+    "is_jax_namespace",
     "describe_namespace",
     "detach",
     "device",

@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _agnostic, _numpy_fast, _validate
-from ._compat import detach, values_are_cheap
+from ._compat import detach, is_jax_namespace, values_are_cheap
 from ._recipe import Recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
@@ -215,6 +215,18 @@ def _normalize(
             stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=False, want_var=True)
             if not bool(_agnostic.needs_prescale(xp, stats)):
                 return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
+        elif prescale and is_jax_namespace(xp):
+            # JAX: the same shortcut as a lax.cond -- value-dependent without a Python
+            # `if`, so it works under jit; only the branch taken runs (under vmap: both).
+            import jax
+
+            quick = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=False, want_var=True)
+            stats, centered = jax.lax.cond(
+                _agnostic.needs_prescale(xp, quick[0]),
+                lambda: _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=True, want_var=True),
+                lambda: quick,
+            )
+            return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
         stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=prescale, want_var=want_var)
     else:
         stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
