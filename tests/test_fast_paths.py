@@ -98,3 +98,27 @@ def test_ineligible_inputs_take_the_agnostic_path():
     result = pbn.batch_norm(strided, training=True)
     expected = reference_batch_norm(strided, training=True)["output"]
     assert max_error(result.output, expected) <= tolerance("float64")
+
+
+@pytest.mark.parametrize("block_bytes", [1, 200, 1 << 18])
+@pytest.mark.parametrize("training", [True, False])
+def test_blocking_does_not_change_the_result(monkeypatch, block_bytes, training):
+    """Blocks of one row, of a few rows, and the real size on a multi-block input."""
+    monkeypatch.setattr(_numpy_fast, "BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(5)
+    shape = (48, 3, 40, 40)  # 1.8 MiB in float32: several real-size blocks too
+    x = sample(shape, seed=6).astype(np.float32)
+    w, b = rng.uniform(0.5, 2, 3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, w, b, training=training)
+    expected = reference_batch_norm(x, rm, rv, w, b, training=training)
+    assert max_error(fast.output, expected["output"]) <= tolerance("float32")
+    assert max_error(fast.output, agnostic.output) <= tolerance("float32")
+    grad = rng.normal(size=shape).astype(np.float32)
+    fast_grads, agnostic_grads = both_paths(
+        pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training
+    )
+    want = reference_backward(grad, x, w, fast.mean, fast.invstd, training=training)
+    for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
+        assert max_error(f, e) <= tolerance("float32")
+        assert max_error(f, a) <= tolerance("float32")
