@@ -122,3 +122,75 @@ def test_blocking_does_not_change_the_result(monkeypatch, block_bytes, training)
     for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
         assert max_error(f, e) <= tolerance("float32")
         assert max_error(f, a) <= tolerance("float32")
+
+
+# Tilings of _numpy_fast: (shape, what it exercises).
+TILINGS = [
+    ((6, 5, 7), "pattern rows, short rows: column sums"),
+    ((8, 3, 600), "pattern rows, long rows: one-row tiles, dot products"),
+    ((2, 3, 50), "fewer than 4 rows: broadcasting"),
+    ((4, 2, 4100), "rows of at least LONG_ROW: broadcasting"),
+]
+
+
+def _data(shape, dtype, offset, first_row_offset):
+    spread = np.linspace(0.5, 2.0, shape[1])[:, None]  # shapes (A, C, B)
+    x = offset + spread * np.random.default_rng(7).standard_normal(shape)
+    x[0] += first_row_offset - offset  # the sample the shift is guessed from
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "what"), TILINGS)
+@pytest.mark.parametrize("block_bytes", [200, 1 << 19])
+@pytest.mark.parametrize(
+    ("offset", "first_row_offset", "passes"),
+    [
+        (0.2, 0.2, 1),  # centred: one pass, no shift, x * scale + offset
+        (1e4, 1e4, 1),  # off-centre, sample guesses the shift: one pass, (x - m) * scale + ...
+        (300.0, 0.0, 2),  # the sample looks centred but the data are not: second pass
+    ],
+)
+def test_tilings_and_single_pass_decision(
+    monkeypatch, dtype, shape, what, block_bytes, offset, first_row_offset, passes
+):
+    monkeypatch.setattr(_numpy_fast, "BLOCK_BYTES", block_bytes)
+    calls = []
+    moments = _numpy_fast._moments
+    monkeypatch.setattr(_numpy_fast, "_moments", lambda *a: calls.append(1) or moments(*a))
+    rng = np.random.default_rng(8)
+    channels = shape[1]
+    x = _data(shape, dtype, offset, first_row_offset)
+    w, b = rng.uniform(0.5, 2, channels).astype(dtype), rng.normal(size=channels).astype(dtype)
+    rm, rv = np.full(channels, offset, dtype), rng.uniform(0.5, 2, channels).astype(dtype)
+    tol = tolerance(np.dtype(dtype).name)
+    for training in (True, False):
+        calls.clear()
+        fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, w, b, training=training, momentum=0.3)
+        expected = reference_batch_norm(x, rm, rv, w, b, training=training, momentum=0.3)
+        if training:  # with 2 rows, half the data at 0 is centred enough (mean**2 <= var): one pass
+            assert len(calls) == (1 if shape[0] == 2 else passes), what
+        for name in ("output", "running_mean", "running_var", "mean", "invstd"):
+            assert max_error(getattr(fast, name), expected[name]) <= tol, (name, what)
+            assert max_error(getattr(fast, name), getattr(agnostic, name)) <= tol, (name, what)
+        grad = rng.normal(size=shape).astype(dtype)
+        fast_grads, agnostic_grads = both_paths(
+            pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training
+        )
+        want = reference_backward(grad, x, w, fast.mean, fast.invstd, training=training)
+        for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
+            assert max_error(f, e) <= tol, what
+            assert max_error(f, a) <= tol, what
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_shortcut_taken_only_for_small_mean_times_scale(dtype):
+    """Running means small against the std take x * scale + offset; large ones (cancellation)
+    subtract first. Both equal the reference."""
+    x = sample((6, 3, 5, 5), seed=9).astype(dtype)
+    for running_mean in (np.array([0.3, -0.5, 0.1]), np.array([1e4, 0.0, -3e3])):
+        rm, rv = running_mean.astype(dtype), np.full(3, 0.25, dtype)
+        fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, training=False)
+        expected = reference_batch_norm(x, rm, rv, training=False)["output"]
+        assert max_error(fast.output, expected) <= tolerance(np.dtype(dtype).name)
+        assert max_error(fast.output, agnostic.output) <= tolerance(np.dtype(dtype).name)

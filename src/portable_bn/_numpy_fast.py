@@ -1,32 +1,60 @@
-"""NumPy fast path: the same arithmetic as :mod:`._agnostic`, cache-blocked and in place.
+"""NumPy fast path: the arithmetic of :mod:`._agnostic`, cache-blocked and in place.
 
 Why it exists: NumPy evaluates one operation at a time, so the agnostic code
 streams every full-size temporary through main memory (about 12 copies' worth
-of traffic for a training forward). Here the input is viewed as ``(A, C, B)``
-(channel axis in the middle, no copy), walked in blocks of rows that fit in
-the L2 cache, and the output buffer -- which we allocate, so writing into it
-is safe -- is reused for every intermediate: a training forward costs two
-reads of ``x`` and two of the output, an eval forward or backward one pass.
+of traffic for a training forward), and broadcasting a per-channel vector
+costs 2-3x a contiguous operation. Here the input is viewed as ``(A, C, B)``
+(channel axis in the middle, no copy) and walked in tiles of whole channels
+and rows that fit in the L2 cache (:class:`_Tiling`); the output buffer --
+which we allocate, so writing into it is safe -- is the only full-size array
+written. Per-channel sums are BLAS matrix-vector products with a ones vector
+(and dot products for squares), per-channel vectors are "pattern rows"
+(repeated over ``B``) where rows are short, so that every elementwise step is
+a contiguous vector-vector operation.
 
-Same algorithm, same results up to summation order (the conformance suite
-runs both paths against the float64 reference, and ``tests/test_fast_paths``
-compares them directly): the corrected two-pass mean/variance and
-``y = c * scale + (bias - r * scale)``. What the agnostic path does by
-power-of-two prescaling (data whose squares could overflow) and NaN/Inf
-statistics are rare; this path detects them from its first pass and returns
-None so the caller takes the agnostic path (a value-dependent branch, which
-eager NumPy allows).
+Training forward: one read-only pass for the statistics and one pass that
+writes the output. The statistics are the shifted sums
+``S1 = sum(x - K)``, ``S2 = sum((x - K)**2)`` with a per-channel shift ``K``
+(0, or the mean of a small sample where that is off-centre), giving
+``mean = K + S1/n`` and ``var = S2/n - (S1/n)**2``. This equals the agnostic
+corrected two-pass algorithm up to rounding as long as ``(S1/n)**2 <= var``
+(then ``S2/n <= 2 var``: the subtraction loses at most one bit); otherwise the
+pass is repeated with ``K`` = that mean, which *is* the corrected two-pass
+algorithm. The output is ``(x - K) * scale + (bias - r * scale)``, and, when
+``|mean * scale| <= 1`` for every channel, the two-operation
+``x * scale + (bias - mean * scale)``, whose extra rounding is then below one
+unit in the normwise error measure. Eval forward and backward take the same
+two-operation forms under the same rule, else keep the subtraction.
+
+What the agnostic path does by power-of-two prescaling (data whose squares
+could overflow) and NaN/Inf statistics are rare; this path detects them from
+its sums and returns None so the caller takes the agnostic path (a
+value-dependent branch, which eager NumPy allows). Sums are accumulated over
+tiles in float64. OpenBLAS may run a matrix-vector product on two threads.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-BLOCK_BYTES = 1 << 18
-"""Bytes of input per block: a block of ``x`` and one of the output stay in a 1 MiB L2."""
+BLOCK_BYTES = 1 << 19
+"""Bytes of input per tile: half the 1 MiB L2 (measured faster than a quarter: fewer NumPy calls)."""
+
+SHORT_ROW = 512
+"""Rows (``B``, the elements of one channel in one batch entry) shorter than this
+use pattern rows and column sums; longer rows use broadcasting (a scalar per
+channel, cheap over a long row) and one BLAS call per row."""
+
+LONG_ROW = 4096
+"""Rows at least this long use broadcasting: a stride-0 scalar over a long contiguous row costs
+about what a vector does there, and a pattern row would be as large as a tile."""
+
+TILE_ROWS = 16
+"""Rows per tile wanted for short rows: column sums (``ones @ tile``) pay off from about 8."""
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -54,22 +82,153 @@ def _view(x: np.ndarray, axis: int) -> np.ndarray:
     return x.reshape(before, shape[axis], after)
 
 
-def _blocks(x3: np.ndarray) -> range:
-    row_bytes = max(1, x3.shape[1] * x3.shape[2] * x3.itemsize)
-    step = max(1, BLOCK_BYTES // row_bytes)
-    return range(0, x3.shape[0], step)
+class _Tiling:
+    """Tiles of ``k`` whole channels by ``h`` rows of the ``(A, C, B)`` view.
+
+    Pattern rows (at least 4 rows to share the cost of building them, and
+    ``B < LONG_ROW``): per-channel vectors become rows of ``k * B`` elements,
+    built once per channel group and reused down all ``A`` rows, and a tile is
+    the 2-D ``(h, k*B)`` view, so each elementwise step is a contiguous
+    vector-vector loop (broadcasting a ``(k, 1)`` vector over rows of 49 to
+    3136 costs up to 2-3x as much). Short rows (``B < SHORT_ROW``) get
+    ``TILE_ROWS`` rows per tile where they can, for the column-sum products.
+    Otherwise: the ``(h, k, B)`` view and ``(k, 1)`` vectors.
+    """
+
+    def __init__(self, x3: np.ndarray) -> None:
+        self.A, self.C, self.B = x3.shape
+        elements = max(1, BLOCK_BYTES // x3.itemsize)
+        self.pattern = self.A >= 4 and self.B < LONG_ROW
+        rows_wanted = min(self.A, TILE_ROWS) if self.B < SHORT_ROW else 1
+        self.k = max(1, min(self.C, elements // (self.B * rows_wanted)))
+        self.h = max(1, min(self.A, elements // (self.k * self.B)))
+
+    def groups(self) -> Iterator[slice]:
+        for c0 in range(0, self.C, self.k):
+            yield slice(c0, min(self.C, c0 + self.k))
+
+    def tiles(self, array3: np.ndarray, group: slice) -> Iterator[np.ndarray]:
+        """Views of ``array3``'s tiles in ``group`` (2-D for pattern rows, else 3-D), top to bottom."""
+        if self.pattern:
+            columns = array3.reshape(self.A, self.C * self.B)[:, group.start * self.B : group.stop * self.B]
+            for a0 in range(0, self.A, self.h):
+                yield columns[a0 : a0 + self.h]
+        else:
+            for a0 in range(0, self.A, self.h):
+                yield array3[a0 : a0 + self.h, group]
+
+    def vector(self, values: np.ndarray, group: slice) -> np.ndarray:
+        """Per-channel ``values`` of a group, shaped to combine with its tiles."""
+        if self.pattern:
+            return np.repeat(values[group], self.B)
+        return values[group, None]
+
+    def scratch(self, dtype: Any) -> np.ndarray:
+        """A tile-sized work array; :func:`_like` cuts it to a (smaller, last) tile."""
+        return np.empty((self.h, self.k * self.B) if self.pattern else (self.h, self.k, self.B), dtype=dtype)
 
 
-def _vector(value: Any, dtype: Any) -> np.ndarray:
-    return np.asarray(value, dtype=dtype)[:, None]
+def _like(scratch: np.ndarray, tile: np.ndarray) -> np.ndarray:
+    return scratch[: tile.shape[0], : tile.shape[1]]
 
 
-def _channel_sum(block: np.ndarray) -> np.ndarray:
-    """Sum over axes 0 and 2 of an ``(a, C, B)`` block; for short rows, axis 0
-    first (contiguous, vectorized adds) is about twice as fast."""
-    if block.shape[2] < 256:
-        return np.add.reduce(np.add.reduce(block, axis=0), axis=1)
-    return np.add.reduce(block, axis=(0, 2))
+class _ChannelSums:
+    """Per-channel sums of the tiles of one channel group, accumulated in float64.
+
+    Pattern tiles ``(h, k*B)``: column sums ``ones(h) @ tile`` (one BLAS
+    matrix-vector product) into a ``k*B`` accumulator, folded to channels when
+    the group ends; a one-row tile, which BLAS handles slowly as a 1-row
+    matrix, is the ``(k, B) @ ones(B)`` product instead. Long-row tiles
+    ``(h, k, B)``: a ``(k, B) @ ones(B)`` product per row, and BLAS dot
+    products (``vecdot``) for sums of products, which need no scratch there.
+    """
+
+    def __init__(self, tiling: _Tiling, dtype: Any, group: slice) -> None:
+        self.tiling, self.group = tiling, group
+        self.ones_b = np.ones(tiling.B, dtype=dtype)
+        self.ones_h = np.ones(tiling.h, dtype=dtype)
+        self.channels = np.zeros(group.stop - group.start, dtype=np.float64)
+        self.columns = np.zeros(self.channels.shape[0] * tiling.B, dtype=np.float64) if tiling.pattern else None
+
+    def add(self, tile: np.ndarray) -> None:
+        if self.columns is None:
+            self.channels += np.add.reduce(np.matmul(tile, self.ones_b), axis=0)
+        elif tile.shape[0] == 1:
+            self.channels += tile.reshape(-1, self.tiling.B) @ self.ones_b
+        else:
+            self.columns += self.ones_h[: tile.shape[0]] @ tile
+
+    def add_products(self, a: np.ndarray, b: np.ndarray, work: np.ndarray) -> None:
+        """Add ``sum(a * b)``; ``work`` (may be ``a``) receives the products where they are needed."""
+        if self.columns is None:
+            self.channels += np.add.reduce(np.vecdot(a, b), axis=0)
+        elif a.shape[0] == 1 and self.tiling.B >= SHORT_ROW:
+            self.channels += np.vecdot(a.reshape(-1, self.tiling.B), b.reshape(-1, self.tiling.B))
+        else:
+            np.multiply(a, b, out=work)
+            self.add(work)
+
+    def result(self) -> np.ndarray:
+        if self.columns is not None:
+            self.channels += np.add.reduce(self.columns.reshape(-1, self.tiling.B), axis=1)
+        return self.channels
+
+
+def _moments(x3: np.ndarray, tiling: _Tiling, shift: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """float64 per-channel ``sum(x - shift)`` and ``sum((x - shift)**2)`` in one read of ``x``
+    (``shift`` None: 0, and no subtraction)."""
+    first = np.zeros(tiling.C, dtype=np.float64)
+    second = np.zeros_like(first)
+    scratch = tiling.scratch(x3.dtype)
+    for group in tiling.groups():
+        sums, squares = _ChannelSums(tiling, x3.dtype, group), _ChannelSums(tiling, x3.dtype, group)
+        shift_v = None if shift is None else tiling.vector(shift, group)
+        for tile in tiling.tiles(x3, group):
+            work = _like(scratch, tile)
+            if shift_v is not None:
+                tile = np.subtract(tile, shift_v, out=work)
+            sums.add(tile)
+            squares.add_products(tile, tile, work)
+        first[group], second[group] = sums.result(), squares.result()
+    return first, second
+
+
+def _sample_shift(x3: np.ndarray) -> np.ndarray | None:
+    """Shift for :func:`_moments`: per channel, the mean of a small sample (the
+    first row's first elements) where that sample is off-centre (mean**2 >
+    variance), else 0; None when every channel looks centred (no subtraction).
+    A poor guess costs a second pass, never accuracy (see train_forward)."""
+    sample = x3[0, :, :64]
+    mean = np.mean(sample, axis=1, dtype=np.float64)
+    var = np.var(sample, axis=1, dtype=np.float64)
+    centred = mean * mean <= var
+    if centred.all():
+        return None
+    return np.where(centred, 0.0, mean).astype(x3.dtype)
+
+
+def _affine(
+    source3: np.ndarray, out3: np.ndarray, tiling: _Tiling, shift: np.ndarray | None, scale: Any, offset: Any
+) -> None:
+    """``out = (source - shift) * scale + offset`` per channel; a None ``shift`` or ``offset`` is left out."""
+    for group in tiling.groups():
+        shift_v = None if shift is None else tiling.vector(shift, group)
+        scale_v = tiling.vector(scale, group)
+        offset_v = None if offset is None else tiling.vector(offset, group)
+        for tile, out in zip(tiling.tiles(source3, group), tiling.tiles(out3, group), strict=True):
+            if shift_v is not None:
+                np.subtract(tile, shift_v, out=out)
+                tile = out
+            np.multiply(tile, scale_v, out=out)
+            if offset_v is not None:
+                np.add(out, offset_v, out=out)
+
+
+def _param(value: Any, channels: int) -> np.ndarray:
+    """A per-channel parameter in float64 (None: ones), for the small vector arithmetic."""
+    if value is None:
+        return np.ones(channels)
+    return np.asarray(value, dtype=np.float64)
 
 
 def train_forward(
@@ -77,114 +236,145 @@ def train_forward(
 ) -> FastForward | None:
     """Training forward, or None when the data need the agnostic path."""
     x3 = _view(x, axis)
+    channels = x3.shape[1]
     n = x3.shape[0] * x3.shape[2]
     dtype = x.dtype
-    blocks = _blocks(x3)
-    step = blocks.step
+    tiling = _Tiling(x3)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN are judged below
-        # Pass 1 (reads x): the first mean.
-        total = np.zeros(x3.shape[1], dtype=dtype)
-        for start in blocks:
-            total += _channel_sum(x3[start : start + step])
-        mean0 = total / n
-        # Pass 2 (reads x, writes out): deviations, their sum and sum of squares from the cached block.
-        out3 = np.empty_like(x3)
-        deviation_sum = np.zeros_like(total)
-        square_sum = np.zeros_like(total)
-        mean0_b = mean0[:, None]
-        for start in blocks:
-            block = out3[start : start + step]
-            np.subtract(x3[start : start + step], mean0_b, out=block)
-            deviation_sum += _channel_sum(block)
-            square_sum += np.einsum("acb,acb->c", block, block)
-        residual = deviation_sum / n
-        batch_var = square_sum / n - residual * residual
-    # The agnostic path (power-of-two prescaling, exact constant channels) takes over for
-    # NaN/Inf, for sums that overflowed, and for channels whose spread is at the rounding
-    # level of their mean (numerically constant), where this path's rounding would show.
-    if not (np.isfinite(square_sum).all() and np.isfinite(total).all()):
-        return None
-    with np.errstate(over="ignore"):  # an Inf threshold just means: hand over
-        resolution = (8 * np.finfo(dtype).eps) * mean0
-        if np.any((batch_var <= resolution * resolution) & (mean0 != 0)):
+        # One read of x: shifted sums. Accepted when the residual mean r is within one
+        # standard deviation: then S2/n = var + r**2 <= 2 var, and var = S2/n - r**2 loses
+        # at most one bit -- as accurate as the corrected two-pass algorithm.
+        shift = _sample_shift(x3)
+        first, second = _moments(x3, tiling, shift)
+        if not np.isfinite(first).all():
+            return None  # NaN/Inf data
+        base = np.zeros(channels) if shift is None else shift.astype(np.float64)
+        residual = first / n
+        batch_var = second / n - residual * residual
+        if not np.all(residual * residual <= batch_var):  # also: squares that overflowed (Inf, NaN)
+            # Off-centre guess (or overflow): again, shifted by the mean just found -- the
+            # corrected two-pass algorithm of the agnostic path, exactly.
+            shift = (base + residual).astype(dtype)
+            first, second = _moments(x3, tiling, shift)
+            base = shift.astype(np.float64)
+            residual = first / n
+            batch_var = second / n - residual * residual
+        mean = base + residual
+        # The agnostic path (power-of-two prescaling, exact constant channels) takes over for
+        # sums that overflowed, statistics beyond the dtype's range, and channels whose spread
+        # is at the rounding level of their mean (numerically constant), where this path's
+        # rounding would show.
+        if not (np.isfinite(second).all() and np.isfinite(batch_var.astype(dtype)).all()):
             return None
-    invstd = 1.0 / np.sqrt(batch_var + dtype.type(eps))
-    # Pass 3 (in place over out): y = c * scale + (bias - r * scale).
-    scale = invstd if weight is None else invstd * np.asarray(weight, dtype=dtype)
-    shift = -residual * scale if bias is None else np.asarray(bias, dtype=dtype) - residual * scale
-    _scale_shift_in_place(out3, scale[:, None], shift[:, None], blocks)
-    return FastForward(out3.reshape(x.shape), mean0 + residual, invstd, batch_var if want_var else None)
-
-
-def _scale_shift_in_place(out3: np.ndarray, scale: np.ndarray, shift: np.ndarray, blocks: range) -> None:
-    step = blocks.step
-    for start in blocks:
-        block = out3[start : start + step]
-        np.multiply(block, scale, out=block)
-        np.add(block, shift, out=block)
+        resolution = (8 * float(np.finfo(dtype).eps)) * mean
+        if np.any((batch_var <= resolution * resolution) & (mean != 0)):
+            return None
+        invstd = 1.0 / np.sqrt(batch_var + eps)
+        scale = invstd * _param(weight, channels)
+        offset = np.zeros(channels) if bias is None else _param(bias, channels)
+        out3 = np.empty_like(x3)
+        # The output pass (reads x, writes out). x * scale + (bias - mean * scale) rounds
+        # x * scale, of size up to |(x - mean) * scale| + |mean * scale|; the added error is
+        # within what the agnostic formula rounds anyway when |mean| <= std (then
+        # |mean * scale| <= max|(x - mean) * scale|) or |mean * scale| <= 1 (the normwise
+        # error divides by at least 1). Otherwise subtract the shift the sums were taken
+        # about (a dtype value within one std of the mean): (x - K) * scale + (bias - r * scale),
+        # the agnostic formula (which keeps r apart from K: K + r is not a dtype value).
+        if np.all((mean * mean <= batch_var) | (np.abs(mean * scale) <= 1.0)):
+            _affine(x3, out3, tiling, None, scale.astype(dtype), (offset - mean * scale).astype(dtype))
+        else:
+            offset = offset - residual * scale
+            _affine(x3, out3, tiling, base.astype(dtype), scale.astype(dtype), offset.astype(dtype))
+    return FastForward(
+        out3.reshape(x.shape),
+        mean.astype(dtype),
+        invstd.astype(dtype),
+        batch_var.astype(dtype) if want_var else None,
+    )
 
 
 def eval_forward(
     x: np.ndarray, mean: np.ndarray, invstd: np.ndarray, weight: Any, bias: Any, *, axis: int
 ) -> np.ndarray:
-    """Eval forward ``(x - mean) * (invstd * weight) + bias``, one pass."""
+    """Eval forward ``(x - mean) * (invstd * weight) + bias``, one pass.
+
+    ``x * scale + (bias - mean * scale)`` (one operation fewer) when
+    ``|mean * scale| <= 1`` for every channel: it adds a rounding of a number
+    of size at most 1, and the normwise error divides by at least 1.
+    """
     x3 = _view(x, axis)
+    channels = x3.shape[1]
     dtype = x.dtype
-    scale = invstd if weight is None else invstd * np.asarray(weight, dtype=dtype)
-    shift = np.zeros_like(scale) if bias is None else np.asarray(bias, dtype=dtype)
+    tiling = _Tiling(x3)
+    mean64 = np.asarray(mean, dtype=np.float64)
+    scale = np.asarray(invstd, dtype=np.float64) * _param(weight, channels)
+    offset = np.zeros(channels) if bias is None else _param(bias, channels)
     out3 = np.empty_like(x3)
-    blocks = _blocks(x3)
-    step = blocks.step
-    mean_b, scale_b, shift_b = mean.astype(dtype, copy=False)[:, None], scale[:, None], shift[:, None]
-    for start in blocks:
-        block = out3[start : start + step]
-        np.subtract(x3[start : start + step], mean_b, out=block)
-        np.multiply(block, scale_b, out=block)
-        np.add(block, shift_b, out=block)
+    with np.errstate(invalid="ignore"):  # NaN statistics: the general formula, NaN as the agnostic path
+        short = bool(np.all(np.abs(mean64 * scale) <= 1.0))
+    if short:
+        _affine(x3, out3, tiling, None, scale.astype(dtype), (offset - mean64 * scale).astype(dtype))
+    else:
+        _affine(x3, out3, tiling, np.asarray(mean, dtype=dtype), scale.astype(dtype), offset.astype(dtype))
     return out3.reshape(x.shape)
 
 
 def backward(
     grad_output: np.ndarray, x: np.ndarray, weight: Any, mean: Any, invstd: Any, *, axis: int, training: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The analytic backward of :func:`._agnostic.backward`, blocked."""
+    """The analytic backward of :func:`._agnostic.backward`, tiled."""
     x3, g3 = _view(x, axis), _view(grad_output, axis)
+    channels = x3.shape[1]
     n = x3.shape[0] * x3.shape[2]
     dtype = x.dtype
-    mean = np.asarray(mean, dtype=dtype)
-    invstd = np.asarray(invstd, dtype=dtype)
-    blocks = _blocks(x3)
-    step = blocks.step
-    mean_b = mean[:, None]
-    scratch = np.empty_like(x3[:step])
+    tiling = _Tiling(x3)
+    mean_d = np.asarray(mean, dtype=dtype)
+    mean64 = mean_d.astype(np.float64)
+    invstd64 = np.asarray(invstd, dtype=dtype).astype(np.float64)
+    scratch = tiling.scratch(dtype)
     # Pass 1 (reads g and x): sum(g) and sum(g * (x - mean)).
-    grad_bias = np.zeros(x3.shape[1], dtype=dtype)
-    grad_dot = np.zeros_like(grad_bias)
-    for start in blocks:
-        g_block = g3[start : start + step]
-        deviation = scratch[: g_block.shape[0]]
-        np.subtract(x3[start : start + step], mean_b, out=deviation)
-        grad_bias += g_block.sum(axis=(0, 2))
-        grad_dot += np.einsum("acb,acb->c", g_block, deviation)
-    grad_weight = grad_dot * invstd
-    k = invstd if weight is None else invstd * np.asarray(weight, dtype=dtype)
+    grad_bias = np.zeros(channels)
+    grad_dot = np.zeros(channels)
+    for group in tiling.groups():
+        sums, products = _ChannelSums(tiling, dtype, group), _ChannelSums(tiling, dtype, group)
+        mean_v = tiling.vector(mean_d, group)
+        for g_tile, x_tile in zip(tiling.tiles(g3, group), tiling.tiles(x3, group), strict=True):
+            deviation = np.subtract(x_tile, mean_v, out=_like(scratch, x_tile))
+            sums.add(g_tile)
+            products.add_products(deviation, g_tile, deviation)
+        grad_bias[group], grad_dot[group] = sums.result(), products.result()
+    grad_weight = grad_dot * invstd64
+    k = invstd64 * _param(weight, channels)
     gi3 = np.empty_like(x3)
     if training:
-        # dx = k * (g - sum(g)/n - (x - mean) * invstd * grad_weight / n)
-        deviation_factor = (-(k * invstd * grad_weight) / max(n, 1))[:, None]
-        constant = (-(k * grad_bias) / max(n, 1))[:, None]
-        k_b = k[:, None]
-        for start in blocks:
-            block = gi3[start : start + step]
-            tmp = scratch[: block.shape[0]]
-            np.subtract(x3[start : start + step], mean_b, out=block)
-            np.multiply(block, deviation_factor, out=block)
-            np.multiply(g3[start : start + step], k_b, out=tmp)
-            np.add(block, tmp, out=block)
-            np.add(block, constant, out=block)
+        # dx = g * k + (x - mean) * f + c, f = -k * invstd * grad_weight / n, c = -k * sum(g) / n.
+        f = -(k * invstd64 * grad_weight) / max(n, 1)
+        c = -(k * grad_bias) / max(n, 1)
+        # x * f + (c - mean * f) saves the subtraction; it adds a rounding of |mean * f|, within
+        # what the agnostic formula rounds anyway when that is <= max(1, |c|) (it rounds c, and
+        # the normwise error divides by at least 1).
+        with np.errstate(invalid="ignore"):
+            short = bool(np.all(np.abs(mean64 * f) <= np.maximum(1.0, np.abs(c))))
+        shift = None if short else mean_d
+        offset = (c - mean64 * f) if short else c
+        k_d, f_d, offset_d = k.astype(dtype), f.astype(dtype), offset.astype(dtype)
+        for group in tiling.groups():
+            k_v, f_v, offset_v = tiling.vector(k_d, group), tiling.vector(f_d, group), tiling.vector(offset_d, group)
+            shift_v = None if shift is None else tiling.vector(shift, group)
+            for out, x_tile, g_tile in zip(
+                tiling.tiles(gi3, group), tiling.tiles(x3, group), tiling.tiles(g3, group), strict=True
+            ):
+                if shift_v is not None:
+                    x_tile = np.subtract(x_tile, shift_v, out=out)
+                np.multiply(x_tile, f_v, out=out)
+                np.add(out, offset_v, out=out)
+                work = np.multiply(g_tile, k_v, out=_like(scratch, g_tile))
+                np.add(out, work, out=out)
     else:
-        k_b = k[:, None]
-        for start in blocks:
-            np.multiply(g3[start : start + step], k_b, out=gi3[start : start + step])
+        _affine(g3, gi3, tiling, None, k.astype(dtype), None)
     param_dtype = dtype if weight is None else np.asarray(weight).dtype
-    return gi3.reshape(x.shape), grad_weight.astype(param_dtype, copy=False), grad_bias.astype(param_dtype, copy=False)
+    return (
+        gi3.reshape(x.shape),
+        grad_weight.astype(param_dtype, copy=False),
+        grad_bias.astype(param_dtype, copy=False),
+    )
