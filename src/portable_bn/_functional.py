@@ -7,13 +7,14 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _agnostic, _numpy_fast, _validate
-from ._compat import detach, is_jax_namespace, values_are_cheap
+from ._compat import detach, is_jax_namespace, is_torch_namespace, values_are_cheap
 from ._recipe import Recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
 
 FAST_PATHS = True
-"""Use backend-specific fast paths (:mod:`._numpy_fast`); the suite turns them off to compare."""
+"""Use backend-specific fast paths (:mod:`._numpy_fast`, :mod:`._torch_fast`); the suite
+turns them off to compare."""
 
 
 class BatchNormResult(NamedTuple):
@@ -168,6 +169,12 @@ def forward(
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
 
+    if FAST_PATHS and recipe.count_per_channel > 0 and is_torch_namespace(xp):
+        native = _torch_native_forward(
+            x, running_mean, running_var, weight, bias, recipe, training=training, factor=factor, eps=eps
+        )
+        if native is not None:
+            return native
     stats, output = _normalize(xp, x, running_mean, running_var, weight, bias, recipe, training=training, eps=eps)
     if training and running_mean is not None:
         running_mean, running_var = _agnostic.updated_running_stats(
@@ -181,6 +188,35 @@ def forward(
             skip_nonfinite=skip_nonfinite,
         )
     return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
+
+
+def _torch_native_forward(
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    training: bool,
+    factor: Any,
+    eps: float,
+) -> BatchNormResult | None:
+    """PyTorch's own kernels where :mod:`._torch_fast` finds them as exact as ours, else None."""
+    from . import _torch_fast  # imports torch: only reached with torch tensors
+
+    if not _torch_fast.eligible(x, running_mean, running_var, weight, bias, channel_axis=recipe.channel_axis):
+        return None
+    if training:
+        if not isinstance(factor, float):  # a module's cumulative-average factor (a tensor)
+            return None
+        trained = _torch_fast.train_forward(x, running_mean, running_var, weight, bias, factor=factor, eps=eps)
+        return None if trained is None else BatchNormResult(*trained)
+    evaluated = _torch_fast.eval_forward(x, running_mean, running_var, weight, bias, eps=eps)
+    if evaluated is None:
+        return None
+    output, invstd = evaluated
+    return BatchNormResult(output, running_mean, running_var, running_mean, invstd)
 
 
 def _normalize(
@@ -311,4 +347,9 @@ def batch_norm_backward(
         and grad_output.flags.c_contiguous
     ):
         return _numpy_fast.backward(grad_output, x, weight, mean, invstd, axis=recipe.channel_axis, training=training)
+    if FAST_PATHS and training and recipe.count_per_channel > 0 and is_torch_namespace(xp):
+        from . import _torch_fast  # imports torch: only reached with torch tensors
+
+        if _torch_fast.eligible(x, grad_output, weight, mean, invstd, channel_axis=recipe.channel_axis):
+            return _torch_fast.train_backward(grad_output, x, weight, mean, invstd)
     return _agnostic.backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training)

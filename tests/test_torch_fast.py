@@ -1,0 +1,221 @@
+"""The PyTorch CPU fast path (``_torch_fast``) equals the agnostic path and the reference.
+
+``_functional.FAST_PATHS = False`` forces the agnostic code. A spy records
+whether the native kernels' result was kept, so each test also proves which
+path ran: benign data must take the native kernels, hard data must be handed
+over to the agnostic path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import portable_bn as pbn
+from conftest import selected_backends
+from portable_bn import _functional
+from portable_bn._reference import reference_backward, reference_batch_norm
+from portable_bn._tolerance import max_error, tolerance
+
+pytestmark = pytest.mark.skipif("torch" not in selected_backends(), reason="torch not selected by PBN_BACKENDS")
+
+torch = pytest.importorskip("torch")
+_torch_fast = pytest.importorskip("portable_bn._torch_fast")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 0)  # small test inputs take the native eval too
+    """Record, per call, whether the native result was kept (True) or handed over (False)."""
+    kept: list[bool] = []
+    for name in ("train_forward", "eval_forward"):
+        original = getattr(_torch_fast, name)
+
+        def wrapper(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            kept.append(result is not None)
+            return result
+
+        monkeypatch.setattr(_torch_fast, name, wrapper)
+    return kept
+
+
+def both_paths(func, *args, **kwargs):
+    fast = func(*args, **kwargs)
+    _functional.FAST_PATHS = False
+    try:
+        agnostic = func(*args, **kwargs)
+    finally:
+        _functional.FAST_PATHS = True
+    return fast, agnostic
+
+
+def t(array, dtype):
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+
+def benign(shape, seed):
+    """Per-channel offsets up to 4 standard deviations: the native kernels' domain."""
+    rng = np.random.default_rng(seed)
+    channels = shape[1]
+    param_shape = [1] * len(shape)
+    param_shape[1] = channels
+    spread = np.linspace(0.5, 3.0, channels).reshape(param_shape)
+    offset = spread * np.linspace(-4.0, 4.0, channels).reshape(param_shape)
+    return offset + spread * rng.standard_normal(shape)
+
+
+SHAPES = [(6, 4), (4, 3, 7), (5, 3, 4, 6), (2, 3, 2, 3, 4), (16, 8, 12, 12)]
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_path_equals_agnostic_path(spy, dtype_name, shape, training, affine):
+    dtype = DTYPES[dtype_name]
+    rng = np.random.default_rng(0)
+    channels = shape[1]
+    x_np = benign(shape, seed=1)
+    rm_np, rv_np = rng.uniform(-2, 2, channels), rng.uniform(0.5, 2, channels)
+    w_np = rng.uniform(0.5, 2, channels) if affine else None
+    b_np = rng.normal(size=channels) if affine else None
+    x, rm, rv = t(x_np, dtype), t(rm_np, dtype), t(rv_np, dtype)
+    w = None if w_np is None else t(w_np, dtype)
+    b = None if b_np is None else t(b_np, dtype)
+    rm_before, rv_before = rm.clone(), rv.clone()
+    fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, w, b, training=training, momentum=0.3)
+    assert spy == [True], "benign data must take the native kernels"
+    assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before), "arguments must not be written to"
+    expected = reference_batch_norm(
+        x.double().numpy(), rm.double().numpy(), rv.double().numpy(),
+        None if w is None else w.double().numpy(), None if b is None else b.double().numpy(),
+        training=training, momentum=0.3,
+    )  # fmt: skip
+    tol = tolerance(dtype_name)
+    for name in ("output", "running_mean", "running_var", "mean", "invstd"):
+        f, a = getattr(fast, name), getattr(agnostic, name)
+        assert f.dtype == a.dtype and f.shape == a.shape, name
+        assert not f.requires_grad or name in ("output", "mean", "invstd"), name
+        assert max_error(f.numpy(), a.numpy()) <= tol, name
+        assert max_error(f.numpy(), expected[name]) <= tol, name
+    grad = t(rng.normal(size=shape), dtype)
+    fast_grads, agnostic_grads = both_paths(
+        pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training
+    )
+    want = reference_backward(
+        grad.double().numpy(), x.double().numpy(), None if w is None else w.double().numpy(),
+        fast.mean.double().numpy(), fast.invstd.double().numpy(), training=training,
+    )  # fmt: skip
+    for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
+        assert f.dtype == a.dtype and f.shape == a.shape
+        assert max_error(f.numpy(), a.numpy()) <= tol
+        assert max_error(f.numpy(), e) <= tol
+
+
+@pytest.mark.parametrize(("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (20.0, 1.0), (0.0, 1e20), (0.0, 3e37)])
+def test_hard_data_is_handed_to_the_agnostic_path(spy, offset, spread):
+    """Offsets beyond MAX_MEAN_OVER_STD standard deviations, and data whose squares
+    overflow: the native result is discarded, and the answer is as exact as NumPy's."""
+    x_np = (offset + spread * np.random.default_rng(2).normal(size=(64, 3, 8, 8))).astype(np.float32)
+    result = pbn.batch_norm(t(x_np, torch.float32), training=True)
+    assert spy == [False]
+    expected = reference_batch_norm(x_np.astype(np.float64), training=True)["output"]
+    assert max_error(result.output.numpy(), expected) <= tolerance("float32")
+    np.testing.assert_allclose(result.output.numpy(), pbn.batch_norm(x_np, training=True).output, atol=2e-6)
+
+
+def test_native_kernel_alone_would_fail_the_hard_data():
+    """The reason for the hand-over: PyTorch's own kernel on offset data."""
+    x_np = (1e4 + 0.1 * np.random.default_rng(2).normal(size=(64, 3, 8, 8))).astype(np.float32)
+    native = torch.nn.functional.batch_norm(t(x_np, torch.float32), None, None, training=True)
+    expected = reference_batch_norm(x_np.astype(np.float64), training=True)["output"]
+    assert max_error(native.numpy(), expected) > 100 * tolerance("float32")
+
+
+def test_eval_with_far_running_mean_is_handed_over(spy):
+    x_np = 1e4 + np.random.default_rng(3).normal(size=(32, 2, 9))
+    x = t(x_np, torch.float32)
+    rm, rv = t(np.array([1e4, 0.0]), torch.float32), t(np.array([1.0, 1.0]), torch.float32)
+    result = pbn.batch_norm(x, rm, rv, training=False)
+    assert spy == [False]
+    expected = reference_batch_norm(x.double().numpy(), rm.double().numpy(), rv.double().numpy(), training=False)
+    assert max_error(result.output.numpy(), expected["output"]) <= tolerance("float32")
+
+
+def test_constant_zero_and_nonfinite_channels(spy):
+    x_np = np.random.default_rng(4).normal(size=(8, 4, 5))
+    x_np[:, 1] = 0.0  # a dead channel: mean exactly 0, kept native
+    bias = t(np.arange(4.0), torch.float32)
+    x = t(x_np, torch.float32)
+    fast, agnostic = both_paths(pbn.batch_norm, x, bias=bias, training=True)
+    assert spy == [True]
+    assert torch.equal(fast.output[:, 1], torch.full_like(fast.output[:, 1], 1.0))
+    assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float32")
+    x_np[:, 2] = 7.25  # a constant channel: handed over, output exactly the bias
+    fast = pbn.batch_norm(t(x_np, torch.float32), bias=bias, training=True)
+    assert spy[-1] is False
+    assert torch.equal(fast.output[:, 2], torch.full_like(fast.output[:, 2], 2.0))
+    x_np[0, 3, 0] = np.nan
+    fast, agnostic = both_paths(pbn.batch_norm, t(x_np, torch.float32), bias=bias, training=True)
+    assert spy[-1] is False
+    assert torch.equal(torch.isnan(fast.output), torch.isnan(agnostic.output))
+    assert torch.equal(fast.output[:, :3], agnostic.output[:, :3])
+
+
+def test_paths_not_taken(spy):
+    """Graph recording, half dtypes, channel axis other than 1, the meta device,
+    a module's cumulative factor: the agnostic code runs (with differentiable statistics)."""
+    x_np = benign((6, 3, 5), seed=5)
+    x = t(x_np, torch.float32).requires_grad_()
+    result = pbn.batch_norm(x, training=True)
+    assert spy == [] and result.mean.grad_fn is not None and result.invstd.grad_fn is not None
+    with torch.no_grad():
+        pbn.batch_norm(x, training=True)
+    assert spy == [True]
+    pbn.batch_norm(x.detach().to(torch.bfloat16), training=True)
+    pbn.batch_norm(x.detach().movedim(1, -1), training=True, axis=-1)
+    pbn.batch_norm(x.detach().to("meta"), training=True)
+    assert spy == [True]
+    module = pbn.BatchNorm1d(3, momentum=None, xp=torch)
+    module(x.detach())
+    assert spy == [True]
+
+
+def test_non_contiguous_input(spy):
+    x_np = benign((8, 3, 6, 5), seed=6)
+    x = t(x_np, torch.float64).contiguous(memory_format=torch.channels_last)
+    strided = t(x_np, torch.float64)[:, :, ::2]
+    for value in (x, strided):
+        fast, agnostic = both_paths(pbn.batch_norm, value, training=True)
+        assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float64")
+    assert spy == [True, True]
+
+
+def test_module_training_loop_uses_the_native_path(spy):
+    """A torch module in a no-grad training loop (e.g. statistics recalibration)."""
+    x_np = benign((16, 4, 6), seed=7)
+    ours = pbn.BatchNorm1d(4, xp=torch, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+    with torch.no_grad():
+        for step in range(3):
+            x = t(x_np + step, torch.float64)
+            out, expected = ours(x), theirs(x)
+            assert max_error(out.numpy(), expected.numpy()) <= tolerance("float64")
+    assert spy == [True] * 3
+    assert max_error(ours.running_var.numpy(), theirs.running_var.numpy()) <= tolerance("float64")
+    assert int(ours.num_batches_tracked) == 3
+
+
+def test_small_eval_takes_the_agnostic_path(spy, monkeypatch):
+    monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 1 << 16)
+    x = t(benign((4, 3, 5), seed=8), torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    pbn.batch_norm(x, rm, rv, training=False)
+    assert spy == [False]
+    big = t(benign((64, 4, 256), seed=9), torch.float32)
+    fast, agnostic = both_paths(pbn.batch_norm, big, torch.zeros(4), torch.ones(4), training=False)
+    assert spy == [False, True]
+    assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float32")
