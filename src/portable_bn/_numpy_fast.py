@@ -7,10 +7,10 @@ costs 2-3x a contiguous operation. Here the input is viewed as ``(A, C, B)``
 (channel axis in the middle, no copy) and walked in tiles of whole channels
 and rows that fit in the L2 cache (:class:`_Tiling`); the output buffer --
 which we allocate, so writing into it is safe -- is the only full-size array
-written. Per-channel sums are BLAS matrix-vector products with a ones vector
-(and dot products for squares), per-channel vectors are "pattern rows"
-(repeated over ``B``) where rows are short, so that every elementwise step is
-a contiguous vector-vector operation.
+written. Per-channel sums are ufunc reductions (no BLAS: see
+:class:`_ChannelSums`); per-channel vectors are "pattern rows" (repeated over
+``B``) unless rows are very long, so that every elementwise step is a
+contiguous vector-vector operation.
 
 Training forward: one read-only pass for the statistics and one pass that
 writes the output. The statistics are the shifted sums
@@ -30,7 +30,7 @@ What the agnostic path does by power-of-two prescaling (data whose squares
 could overflow) and NaN/Inf statistics are rare; this path detects them from
 its sums and returns None so the caller takes the agnostic path (a
 value-dependent branch, which eager NumPy allows). Sums are accumulated over
-tiles in float64. OpenBLAS may run a matrix-vector product on two threads.
+tiles in float64.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ BLOCK_BYTES = 1 << 19
 
 SHORT_ROW = 512
 """Rows (``B``, the elements of one channel in one batch entry) shorter than this
-use pattern rows and column sums; longer rows use broadcasting (a scalar per
-channel, cheap over a long row) and one BLAS call per row."""
+get tiles of several rows (column sums over rows); longer rows, tiles one row
+high with as many channels as fit (row sums over ``B``)."""
 
 LONG_ROW = 4096
 """Rows at least this long use broadcasting: a stride-0 scalar over a long contiguous row costs
 about what a vector does there, and a pattern row would be as large as a tile."""
 
 TILE_ROWS = 16
-"""Rows per tile wanted for short rows: column sums (``ones @ tile``) pay off from about 8."""
+"""Rows per tile wanted for short rows: column sums pay off over several rows."""
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -135,38 +135,33 @@ def _like(scratch: np.ndarray, tile: np.ndarray) -> np.ndarray:
 class _ChannelSums:
     """Per-channel sums of the tiles of one channel group, accumulated in float64.
 
-    Pattern tiles ``(h, k*B)``: column sums ``ones(h) @ tile`` (one BLAS
-    matrix-vector product) into a ``k*B`` accumulator, folded to channels when
-    the group ends; a one-row tile, which BLAS handles slowly as a 1-row
-    matrix, is the ``(k, B) @ ones(B)`` product instead. Long-row tiles
-    ``(h, k, B)``: a ``(k, B) @ ones(B)`` product per row, and BLAS dot
-    products (``vecdot``) for sums of products, which need no scratch there.
+    Pattern tiles ``(h, k*B)``: column sums (``add.reduce`` over axis 0, a
+    contiguous vector add per row) into a ``k*B`` accumulator, folded to
+    channels when the group ends; one-row tiles: the contiguous ``(k, B)``
+    row sums. ``(h, k, B)`` tiles: sums over axes 0 and 2.
+
+    No BLAS (a ones-vector product or ``vecdot`` sums 2-5x faster in a quiet
+    process): OpenBLAS runs such products on two threads, and with the other
+    core busy each call then stalls for milliseconds (measured: a float64
+    training forward 100x slower on a loaded 2-core machine).
     """
 
-    def __init__(self, tiling: _Tiling, dtype: Any, group: slice) -> None:
+    def __init__(self, tiling: _Tiling, group: slice) -> None:
         self.tiling, self.group = tiling, group
-        self.ones_b = np.ones(tiling.B, dtype=dtype)
-        self.ones_h = np.ones(tiling.h, dtype=dtype)
         self.channels = np.zeros(group.stop - group.start, dtype=np.float64)
         self.columns = np.zeros(self.channels.shape[0] * tiling.B, dtype=np.float64) if tiling.pattern else None
 
     def add(self, tile: np.ndarray) -> None:
         if self.columns is None:
-            self.channels += np.add.reduce(np.matmul(tile, self.ones_b), axis=0)
+            self.channels += np.add.reduce(tile, axis=(0, 2))
         elif tile.shape[0] == 1:
-            self.channels += tile.reshape(-1, self.tiling.B) @ self.ones_b
+            self.channels += np.add.reduce(tile.reshape(-1, self.tiling.B), axis=1)
         else:
-            self.columns += self.ones_h[: tile.shape[0]] @ tile
+            self.columns += np.add.reduce(tile, axis=0)
 
     def add_products(self, a: np.ndarray, b: np.ndarray, work: np.ndarray) -> None:
-        """Add ``sum(a * b)``; ``work`` (may be ``a``) receives the products where they are needed."""
-        if self.columns is None:
-            self.channels += np.add.reduce(np.vecdot(a, b), axis=0)
-        elif a.shape[0] == 1 and self.tiling.B >= SHORT_ROW:
-            self.channels += np.vecdot(a.reshape(-1, self.tiling.B), b.reshape(-1, self.tiling.B))
-        else:
-            np.multiply(a, b, out=work)
-            self.add(work)
+        """Add ``sum(a * b)``, the products written to ``work`` (which may be ``a``)."""
+        self.add(np.multiply(a, b, out=work))
 
     def result(self) -> np.ndarray:
         if self.columns is not None:
@@ -181,7 +176,7 @@ def _moments(x3: np.ndarray, tiling: _Tiling, shift: np.ndarray | None) -> tuple
     second = np.zeros_like(first)
     scratch = tiling.scratch(x3.dtype)
     for group in tiling.groups():
-        sums, squares = _ChannelSums(tiling, x3.dtype, group), _ChannelSums(tiling, x3.dtype, group)
+        sums, squares = _ChannelSums(tiling, group), _ChannelSums(tiling, group)
         shift_v = None if shift is None else tiling.vector(shift, group)
         for tile in tiling.tiles(x3, group):
             work = _like(scratch, tile)
@@ -336,7 +331,7 @@ def backward(
     grad_bias = np.zeros(channels)
     grad_dot = np.zeros(channels)
     for group in tiling.groups():
-        sums, products = _ChannelSums(tiling, dtype, group), _ChannelSums(tiling, dtype, group)
+        sums, products = _ChannelSums(tiling, group), _ChannelSums(tiling, group)
         mean_v = tiling.vector(mean_d, group)
         for g_tile, x_tile in zip(tiling.tiles(g3, group), tiling.tiles(x3, group), strict=True):
             deviation = np.subtract(x_tile, mean_v, out=_like(scratch, x_tile))
