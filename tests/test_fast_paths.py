@@ -29,6 +29,19 @@ def both_paths(func, *args, **kwargs):
     return fast, agnostic
 
 
+@pytest.fixture(params=["small", "tiled"])
+def path(request, monkeypatch):
+    """Run a test through the small-input code (whole array at once) and through the tiled code."""
+    monkeypatch.setattr(_numpy_fast, "SMALL_BYTES", 1 << 40 if request.param == "small" else 0)
+    return request.param
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    """Tests of the tiling itself: no small-input shortcut."""
+    monkeypatch.setattr(_numpy_fast, "SMALL_BYTES", 0)
+
+
 SHAPES = [((6, 4), 1), ((4, 3, 7), 1), ((5, 3, 4, 6), 1), ((2, 3, 2, 3, 4), 1), ((4, 5, 6, 3), -1), ((3, 4, 5), 0)]
 
 
@@ -36,7 +49,7 @@ SHAPES = [((6, 4), 1), ((4, 3, 7), 1), ((5, 3, 4, 6), 1), ((2, 3, 2, 3, 4), 1), 
 @pytest.mark.parametrize(("shape", "axis"), SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_numpy_fast_path_equals_agnostic_path(dtype, shape, axis, training, affine):
+def test_numpy_fast_path_equals_agnostic_path(path, dtype, shape, axis, training, affine):
     rng = np.random.default_rng(0)
     channels = shape[axis]
     x = sample(shape, seed=1, axis=axis).astype(dtype)
@@ -64,7 +77,7 @@ def test_numpy_fast_path_equals_agnostic_path(dtype, shape, axis, training, affi
 
 
 @pytest.mark.parametrize(("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (2.0**59, 2.0**59), (0.0, 1e20), (0.0, 3e37)])
-def test_hard_data_takes_a_correct_path(offset, spread):
+def test_hard_data_takes_a_correct_path(path, offset, spread):
     """Large offsets stay on the fast path; data whose squares or sums would
     overflow fall back to the (prescaling) agnostic path: same results."""
     x = (offset + spread * np.random.default_rng(2).normal(size=(64, 3, 8, 8))).astype(np.float32)
@@ -74,7 +87,7 @@ def test_hard_data_takes_a_correct_path(offset, spread):
     assert max_error(fast.output, agnostic.output) <= tolerance("float32")
 
 
-def test_constant_and_nonfinite_channels_agree():
+def test_constant_and_nonfinite_channels_agree(path):
     x = np.random.default_rng(3).normal(size=(8, 4, 5)).astype(np.float32)
     x[:, 1] = 1e15
     x[:, 2] = 7.25
@@ -102,7 +115,7 @@ def test_ineligible_inputs_take_the_agnostic_path():
 
 @pytest.mark.parametrize("block_bytes", [1, 200, 1 << 18])
 @pytest.mark.parametrize("training", [True, False])
-def test_blocking_does_not_change_the_result(monkeypatch, block_bytes, training):
+def test_blocking_does_not_change_the_result(tiled, monkeypatch, block_bytes, training):
     """Blocks of one row, of a few rows, and the real size on a multi-block input."""
     monkeypatch.setattr(_numpy_fast, "BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(5)
@@ -152,7 +165,7 @@ def _data(shape, dtype, offset, first_row_offset):
     ],
 )
 def test_tilings_and_single_pass_decision(
-    monkeypatch, dtype, shape, what, block_bytes, offset, first_row_offset, passes
+    tiled, monkeypatch, dtype, shape, what, block_bytes, offset, first_row_offset, passes
 ):
     monkeypatch.setattr(_numpy_fast, "BLOCK_BYTES", block_bytes)
     calls = []
@@ -184,7 +197,7 @@ def test_tilings_and_single_pass_decision(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_eval_shortcut_taken_only_for_small_mean_times_scale(dtype):
+def test_eval_shortcut_taken_only_for_small_mean_times_scale(tiled, dtype):
     """Running means small against the std take x * scale + offset; large ones (cancellation)
     subtract first. Both equal the reference."""
     x = sample((6, 3, 5, 5), seed=9).astype(dtype)
@@ -194,3 +207,28 @@ def test_eval_shortcut_taken_only_for_small_mean_times_scale(dtype):
         expected = reference_batch_norm(x, rm, rv, training=False)["output"]
         assert max_error(fast.output, expected) <= tolerance(np.dtype(dtype).name)
         assert max_error(fast.output, agnostic.output) <= tolerance(np.dtype(dtype).name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_inputs_take_the_small_code(monkeypatch, dtype):
+    """Inputs up to SMALL_BYTES skip the tiling (no _Tiling is built); larger ones tile."""
+    built = []
+    tiling = _numpy_fast._Tiling
+    monkeypatch.setattr(_numpy_fast, "_Tiling", lambda *a: built.append(1) or tiling(*a))
+    rng = np.random.default_rng(10)
+    small = sample((2, 4, 3, 3), seed=11).astype(dtype)
+    large = sample((64, 4, 32, 32), seed=12).astype(dtype)
+    assert small.nbytes <= _numpy_fast.SMALL_BYTES < large.nbytes
+    for x, tiles in ((small, False), (large, True)):
+        w, b = rng.uniform(0.5, 2, 4).astype(dtype), rng.normal(size=4).astype(dtype)
+        rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
+        for training in (True, False):
+            built.clear()
+            result = pbn.batch_norm(x, rm, rv, w, b, training=training)
+            grads = pbn.batch_norm_backward(x, x, w, result.mean, result.invstd, training=training)
+            assert bool(built) == tiles
+            expected = reference_batch_norm(x, rm, rv, w, b, training=training)
+            want = reference_backward(x, x, w, result.mean, result.invstd, training=training)
+            assert max_error(result.output, expected["output"]) <= tolerance(np.dtype(dtype).name)
+            for got, ref in zip(grads, want, strict=True):
+                assert max_error(got, ref) <= tolerance(np.dtype(dtype).name)

@@ -132,6 +132,8 @@ def multiply_add(xp: ModuleType, values: Any, scale: Any, shift: Any) -> Any:
 
 def detach(xp: ModuleType, x: Any) -> Any:
     """Cut autograd history: running statistics must never require grad."""
+    if xp is _numpy_namespace:
+        return x
     if is_torch_namespace(xp):
         # torch: a running statistic computed from the batch would otherwise keep
         # the whole graph alive and make the next backward fail.

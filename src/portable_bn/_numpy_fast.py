@@ -35,6 +35,7 @@ tiles in float64.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -55,6 +56,10 @@ about what a vector does there, and a pattern row would be as large as a tile.""
 
 TILE_ROWS = 16
 """Rows per tile wanted for short rows: column sums pay off over several rows."""
+
+SMALL_BYTES = 1 << 17
+"""Inputs up to this size sit in the L2 cache whole: no tiling, and as few NumPy
+calls as possible (each costs about 1 us, which is what a small call is made of)."""
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -231,6 +236,8 @@ def train_forward(
 ) -> FastForward | None:
     """Training forward, or None when the data need the agnostic path."""
     x3 = _view(x, axis)
+    if x.nbytes <= SMALL_BYTES:
+        return _small_train_forward(x3, weight, bias, eps=eps, want_var=want_var, shape=x.shape)
     channels = x3.shape[1]
     n = x3.shape[0] * x3.shape[2]
     dtype = x.dtype
@@ -288,6 +295,49 @@ def train_forward(
     )
 
 
+class _SmallConstants(NamedTuple):
+    count: np.ndarray
+    eps: np.ndarray
+    resolution: np.ndarray
+    largest: np.ndarray
+    one: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def _small_constants(dtype: np.dtype, count: int, eps: float) -> _SmallConstants:
+    """The scalars of a small call as 0-d arrays of its dtype, made once: NumPy
+    converts a Python float operand on every call (about 0.8 us each)."""
+    info = np.finfo(dtype)
+    values = (count, eps, (8 * float(info.eps)) ** 2, float(info.max), 1.0)
+    return _SmallConstants(*(np.asarray(value, dtype=dtype) for value in values))
+
+
+def _small_train_forward(
+    x3: np.ndarray, weight: Any, bias: Any, *, eps: float, want_var: bool, shape: tuple[int, ...]
+) -> FastForward | None:
+    """Training forward of a cache-sized input: the corrected two-pass algorithm of
+    the agnostic path in about twenty NumPy calls, the output written over the
+    centred copy. Same hand-overs as the tiled path."""
+    const = _small_constants(x3.dtype, x3.shape[0] * x3.shape[2], eps)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN are judged below
+        mean0 = np.add.reduce(x3, axis=(0, 2)) / const.count
+        centred = np.subtract(x3, mean0[:, None])
+        residual = np.add.reduce(centred, axis=(0, 2)) / const.count
+        batch_var = np.add.reduce(centred * centred, axis=(0, 2)) / const.count - residual * residual
+        # Hand over NaN/Inf data and overflowed sums (the variance is then NaN or Inf), and
+        # numerically constant channels (spread at the rounding level of the mean; the
+        # agnostic path is exact there).
+        if not ((mean0 * mean0 * const.resolution <= batch_var) & (batch_var <= const.largest)).all():
+            return None
+        invstd = const.one / np.sqrt(batch_var + const.eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = residual * scale
+        shift = -shift if bias is None else bias - shift
+        np.multiply(centred, scale[:, None], out=centred)
+        np.add(centred, shift[:, None], out=centred)
+    return FastForward(centred.reshape(shape), mean0 + residual, invstd, batch_var if want_var else None)
+
+
 def eval_forward(
     x: np.ndarray, mean: np.ndarray, invstd: np.ndarray, weight: Any, bias: Any, *, axis: int
 ) -> np.ndarray:
@@ -300,6 +350,13 @@ def eval_forward(
     x3 = _view(x, axis)
     channels = x3.shape[1]
     dtype = x.dtype
+    if x.nbytes <= SMALL_BYTES:  # cache-sized: the agnostic formula in three NumPy calls
+        scale = invstd if weight is None else invstd * weight
+        out3 = np.subtract(x3, np.asarray(mean, dtype=dtype)[:, None])
+        np.multiply(out3, scale[:, None], out=out3)
+        if bias is not None:
+            np.add(out3, bias[:, None], out=out3)
+        return out3.reshape(x.shape)
     tiling = _Tiling(x3)
     mean64 = np.asarray(mean, dtype=np.float64)
     scale = np.asarray(invstd, dtype=np.float64) * _param(weight, channels)
@@ -314,11 +371,33 @@ def eval_forward(
     return out3.reshape(x.shape)
 
 
+def _small_backward(
+    g3: np.ndarray, x3: np.ndarray, weight: Any, mean: Any, invstd: Any, *, training: bool, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`._agnostic.backward` for a cache-sized input, in about a dozen NumPy calls:
+    ``dx = k * (g - sum(g)/n - (x - mean) * invstd * sum(g * xhat)/n)``, ``k = invstd * w``."""
+    const = _small_constants(x3.dtype, x3.shape[0] * x3.shape[2], 0.0)
+    deviation = np.subtract(x3, mean[:, None])
+    grad_bias = np.add.reduce(g3, axis=(0, 2))
+    grad_weight = np.add.reduce(g3 * deviation, axis=(0, 2)) * invstd
+    k = invstd if weight is None else invstd * weight
+    if training:
+        np.multiply(deviation, (invstd * grad_weight / const.count)[:, None], out=deviation)
+        grad_input = np.subtract(g3, deviation, out=deviation)
+        np.subtract(grad_input, (grad_bias / const.count)[:, None], out=grad_input)
+        np.multiply(grad_input, k[:, None], out=grad_input)
+    else:
+        grad_input = np.multiply(g3, k[:, None], out=deviation)
+    return grad_input.reshape(shape), grad_weight, grad_bias
+
+
 def backward(
     grad_output: np.ndarray, x: np.ndarray, weight: Any, mean: Any, invstd: Any, *, axis: int, training: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The analytic backward of :func:`._agnostic.backward`, tiled."""
     x3, g3 = _view(x, axis), _view(grad_output, axis)
+    if x.nbytes <= SMALL_BYTES:
+        return _small_backward(g3, x3, weight, mean, invstd, training=training, shape=x.shape)
     channels = x3.shape[1]
     n = x3.shape[0] * x3.shape[2]
     dtype = x.dtype
