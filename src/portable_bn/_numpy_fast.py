@@ -296,7 +296,7 @@ def train_forward(
 
 
 class _SmallConstants(NamedTuple):
-    count: np.ndarray
+    per_channel: np.ndarray
     eps: np.ndarray
     resolution: np.ndarray
     largest: np.ndarray
@@ -320,10 +320,10 @@ def _small_train_forward(
     centred copy. Same hand-overs as the tiled path."""
     const = _small_constants(x3.dtype, x3.shape[0] * x3.shape[2], eps)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN are judged below
-        mean0 = np.add.reduce(x3, axis=(0, 2)) / const.count
+        mean0 = np.add.reduce(x3, axis=(0, 2)) / const.per_channel
         centred = np.subtract(x3, mean0[:, None])
-        residual = np.add.reduce(centred, axis=(0, 2)) / const.count
-        batch_var = np.add.reduce(centred * centred, axis=(0, 2)) / const.count - residual * residual
+        residual = np.add.reduce(centred, axis=(0, 2)) / const.per_channel
+        batch_var = np.add.reduce(centred * centred, axis=(0, 2)) / const.per_channel - residual * residual
         # Hand over NaN/Inf data and overflowed sums (the variance is then NaN or Inf), and
         # numerically constant channels (spread at the rounding level of the mean; the
         # agnostic path is exact there).
@@ -382,9 +382,9 @@ def _small_backward(
     grad_weight = np.add.reduce(g3 * deviation, axis=(0, 2)) * invstd
     k = invstd if weight is None else invstd * weight
     if training:
-        np.multiply(deviation, (invstd * grad_weight / const.count)[:, None], out=deviation)
+        np.multiply(deviation, (invstd * grad_weight / const.per_channel)[:, None], out=deviation)
         grad_input = np.subtract(g3, deviation, out=deviation)
-        np.subtract(grad_input, (grad_bias / const.count)[:, None], out=grad_input)
+        np.subtract(grad_input, (grad_bias / const.per_channel)[:, None], out=grad_input)
         np.multiply(grad_input, k[:, None], out=grad_input)
     else:
         grad_input = np.multiply(g3, k[:, None], out=deviation)
