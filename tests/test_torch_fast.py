@@ -166,14 +166,12 @@ def test_constant_zero_and_nonfinite_channels(spy):
 
 
 def test_paths_not_taken(spy):
-    """Graph recording, half dtypes, channel axis other than 1, the meta device,
-    a module's cumulative factor: the agnostic code runs (with differentiable statistics)."""
-    x_np = benign((6, 3, 5), seed=5)
-    x = t(x_np, torch.float32).requires_grad_()
-    result = pbn.batch_norm(x, training=True)
-    assert spy == [] and result.mean.grad_fn is not None and result.invstd.grad_fn is not None
-    with torch.no_grad():
-        pbn.batch_norm(x, training=True)
+    """Half dtypes, channel axis other than 1, the meta device, a module's
+    cumulative factor, running statistics that require grad: the agnostic code runs."""
+    x = t(benign((6, 3, 5), seed=5), torch.float32)
+    pbn.batch_norm(x, training=True)
+    assert spy == [True]
+    pbn.batch_norm(x, torch.zeros(3, requires_grad=True), torch.ones(3), training=True)
     assert spy == [True]
     pbn.batch_norm(x.detach().to(torch.bfloat16), training=True)
     pbn.batch_norm(x.detach().movedim(1, -1), training=True, axis=-1)
@@ -219,3 +217,53 @@ def test_small_eval_takes_the_agnostic_path(spy, monkeypatch):
     fast, agnostic = both_paths(pbn.batch_norm, big, torch.zeros(4), torch.ones(4), training=False)
     assert spy == [False, True]
     assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float32")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autograd_through_the_native_path(spy, training):
+    """Gradients of a loss that uses the output, mean and invstd: native path ==
+    agnostic path, and gradcheck/gradgradcheck pass through the native path."""
+    x_np = benign((5, 3, 4), seed=13)
+    rng = np.random.default_rng(14)
+    rm, rv = t(rng.uniform(-1, 1, 3), torch.float64), t(rng.uniform(0.5, 2, 3), torch.float64)
+    upstream = [t(rng.normal(size=shape), torch.float64) for shape in ((5, 3, 4), (3,), (3,))]
+
+    def loss_and_grads():
+        x = t(x_np, torch.float64).requires_grad_()
+        w = t(np.linspace(0.5, 2, 3), torch.float64).requires_grad_()
+        b = t(np.linspace(-1, 1, 3), torch.float64).requires_grad_()
+        r = pbn.batch_norm(x, rm, rv, w, b, training=training)
+        loss = sum((value * weight).sum() for value, weight in zip((r.output, r.mean, r.invstd), upstream, strict=True))
+        return torch.autograd.grad(loss, (x, w, b))
+
+    fast, agnostic = both_paths(loss_and_grads)
+    assert spy == [True]
+    for f, a in zip(fast, agnostic, strict=True):
+        assert max_error(f.numpy(), a.numpy()) <= tolerance("float64")
+
+    def call(x, w, b):
+        r = pbn.batch_norm(x, rm, rv, w, b, training=training)
+        return r.output, r.mean, r.invstd
+
+    x = t(x_np, torch.float64).requires_grad_()
+    w = t(np.linspace(0.5, 2, 3), torch.float64).requires_grad_()
+    b = t(np.linspace(-1, 1, 3), torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(call, (x, w, b), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(call, (x, w, b), eps=1e-6, atol=1e-7)
+    assert all(spy)
+
+
+def test_backward_with_a_graph_takes_the_agnostic_path():
+    """batch_norm_backward's own derivative treats mean and invstd as inputs; the
+    native kernel's would not, so a recorded call stays on the agnostic code."""
+    x = t(benign((6, 3, 5), seed=15), torch.float64)
+    r = pbn.batch_norm(x, training=True)
+    grad = t(np.random.default_rng(16).normal(size=(6, 3, 5)), torch.float64)
+    assert _torch_fast.eligible(x, grad, None, r.mean, r.invstd, channel_axis=1)
+    x_graph = x.clone().requires_grad_()
+    assert not _torch_fast.eligible(x_graph, grad, None, r.mean, r.invstd, channel_axis=1)
+    grad_input = pbn.batch_norm_backward(grad, x_graph, None, r.mean, r.invstd)[0]
+    assert grad_input.grad_fn is not None
+    with torch.no_grad():
+        expected = pbn.batch_norm_backward(grad, x, None, r.mean, r.invstd)[0]
+    assert max_error(grad_input.detach().numpy(), expected.numpy()) <= tolerance("float64")

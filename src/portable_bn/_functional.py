@@ -205,7 +205,9 @@ def _torch_native_forward(
     """PyTorch's own kernels where :mod:`._torch_fast` finds them as exact as ours, else None."""
     from . import _torch_fast  # imports torch: only reached with torch tensors
 
-    if not _torch_fast.eligible(x, running_mean, running_var, weight, bias, channel_axis=recipe.channel_axis):
+    if not _torch_fast.eligible(
+        x, running_mean, running_var, channel_axis=recipe.channel_axis, differentiable=(x, weight, bias)
+    ):
         return None
     if training:
         if not isinstance(factor, float):  # a module's cumulative-average factor (a tensor)

@@ -23,9 +23,10 @@ and the caller takes the agnostic path; the wasted native call costs one
 extra pass, on data that need care anyway.
 
 Only on CPU (reading the verdict is free; on CUDA it would synchronize), for
-float32/float64 tensors whose parameters share their dtype, channel axis 1,
-and only when no autograd graph is being recorded: the native kernels do not
-make ``mean`` and ``invstd`` differentiable, ours do. ``tests/test_torch_fast.py``
+float32/float64 tensors whose parameters share their dtype, channel axis 1.
+Autograd works as with ``F.batch_norm`` (the kernels' own derivatives, double
+backward included); the batch ``mean`` and ``invstd``, which the kernel
+returns without a graph, get their derivatives from ``_BatchStatistics``. ``tests/test_torch_fast.py``
 runs each case with and without this path (``FAST_PATHS``) against the same
 float64 reference, checks which path ran, and the hand-over on hard data.
 """
@@ -48,23 +49,55 @@ verdict on the running statistics plus the kernel call; training always gains.""
 _DTYPES = (torch.float32, torch.float64)
 
 
-def eligible(x: Any, *arrays: Any, channel_axis: int) -> bool:
-    """CPU float32/float64 tensors, same dtype, channel axis 1, no graph to record."""
+def _plain(x: torch.Tensor, array: Any) -> bool:
+    return isinstance(array, torch.Tensor) and array.dtype == x.dtype and array.device.type == "cpu"
+
+
+def eligible(x: Any, *arrays: Any, channel_axis: int, differentiable: tuple[Any, ...] = ()) -> bool:
+    """CPU float32/float64 tensors of one dtype, channel axis 1. ``x`` and ``arrays``
+    must not need a graph recorded (None is fine) unless listed in ``differentiable``:
+    the forward's x, weight and bias, whose gradients the native kernels provide."""
     if not (isinstance(x, torch.Tensor) and x.dtype in _DTYPES and x.device.type == "cpu" and channel_axis == 1):
         return False
     if x.layout != torch.strided or x.is_quantized:
         return False
-    grad_mode = torch.is_grad_enabled()
-    if grad_mode and x.requires_grad:
+    recording = torch.is_grad_enabled()
+    if recording and x.requires_grad and not any(array is x for array in differentiable):
         return False
-    for array in arrays:
-        if array is None:
-            continue
-        if not isinstance(array, torch.Tensor) or array.dtype != x.dtype or array.device.type != "cpu":
-            return False
-        if grad_mode and array.requires_grad:
-            return False
-    return True
+    if not all(array is None or _plain(x, array) for array in differentiable):
+        return False
+    return all(array is None or (_plain(x, array) and not (recording and array.requires_grad)) for array in arrays)
+
+
+class _BatchStatistics(torch.autograd.Function):
+    """The kernel's ``mean`` and ``invstd``, made differentiable in ``x`` (the kernel
+    returns them without a graph; our agnostic path's are differentiable, and so
+    must these be): ``d mean/dx = 1/n``, ``d invstd/dx = -invstd**3 (x - mean)/n``.
+    Under ``create_graph`` the backward recomputes both from ``x`` with
+    differentiable operations, so higher derivatives are right too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, eps: float) -> Any:
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.eps = eps
+        return mean.clone(), invstd.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: torch.Tensor | None, grad_invstd: torch.Tensor | None) -> Any:
+        x, mean, invstd = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // max(x.shape[1], 1)
+        if torch.is_grad_enabled():  # create_graph: statistics as functions of x
+            mean = x.mean(dims)
+            invstd = torch.rsqrt(x.var(dims, correction=0) + ctx.eps)
+        grad_x = torch.zeros_like(x)
+        if grad_mean is not None:
+            grad_x = grad_x + (grad_mean / count).reshape(shape)
+        if grad_invstd is not None:
+            factor = (-(invstd**3) * grad_invstd / count).reshape(shape)
+            grad_x = grad_x + (x - mean.reshape(shape)) * factor
+        return grad_x, None, None, None
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
@@ -120,6 +153,8 @@ def train_forward(
     output, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
     if not _benign_batch(mean, invstd, eps):
         return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        mean, invstd = _BatchStatistics.apply(x, mean, invstd, eps)
     return output, running_mean, running_var, mean, invstd
 
 
@@ -136,7 +171,11 @@ def eval_forward(
     if x.numel() < MIN_EVAL_ELEMENTS or not _benign_running(running_mean, running_var, eps):
         return None
     output = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    return output, torch.reciprocal(torch.sqrt(running_var + eps))  # as _agnostic.running_statistics
+    # invstd as _agnostic.running_statistics computes it (same dtype, same roundings), in
+    # NumPy: tiny torch operations after the kernel slowed the next kernel call by up to 2x
+    # in the benchmark (one thread), NumPy ones did not.
+    var = running_var.detach().numpy()
+    return output, torch.from_numpy(1.0 / np.sqrt(var + var.dtype.type(eps)))
 
 
 def train_backward(
