@@ -31,6 +31,11 @@ could overflow) and NaN/Inf statistics are rare; this path detects them from
 its sums and returns None so the caller takes the agnostic path (a
 value-dependent branch, which eager NumPy allows). Sums are accumulated over
 tiles in float64.
+
+Inputs up to :data:`SMALL_BYTES` fit in the cache whole: there the agnostic
+algorithm (corrected two-pass) runs untiled in about twenty NumPy calls, with
+the scalars made once per (dtype, n, eps), because a small call's cost is the
+number of NumPy calls, not the data.
 """
 
 from __future__ import annotations
