@@ -40,6 +40,7 @@ __all__ = [
     "multiply_add",
     "namespace_of",
     "resolve_namespace",
+    "same_eager_place",
     "to_numpy",
 ]
 
@@ -110,6 +111,16 @@ def devices_differ(a: Any, b: Any) -> bool:
     if dev_a is None or dev_b is None:
         return False
     return bool(dev_a != dev_b)
+
+
+def same_eager_place(x: Any, value: Any) -> bool:
+    """True when ``value`` is known, cheaply, to be an array of ``x``'s type on its
+    device: both NumPy arrays, or both torch tensors of one type on one device. False
+    means "not known", and the caller runs the full checks."""
+    kind = type(x)
+    if type(value) is not kind:
+        return False
+    return kind is _ndarray or (kind in _torch_types and bool(value.device == x.device))
 
 
 def values_are_cheap(x: Any) -> bool:

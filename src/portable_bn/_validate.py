@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import describe_namespace, device, devices_differ, namespace_of
+from ._compat import describe_namespace, device, devices_differ, namespace_of, same_eager_place
 from ._recipe import Recipe, make_recipe
 
 
@@ -97,13 +97,8 @@ def per_channel(xp: ModuleType, x: Any, value: Any, name: str, recipe: Recipe) -
     """A per-channel vector: same library and device as ``x``, shape (C,), real
     floating, with ``x``'s dtype -- or float32 for float16/bfloat16 ``x``
     (PyTorch's mixed-precision rule)."""
-    if (
-        type(value) is np.ndarray
-        and type(x) is np.ndarray
-        and value.dtype == x.dtype
-        and value.shape == (recipe.num_channels,)
-    ):
-        return  # the common NumPy case, every check below passes (x is validated floating)
+    if same_eager_place(x, value) and value.dtype == x.dtype and tuple(value.shape) == (recipe.num_channels,):
+        return  # the common NumPy/torch case: every check below passes (x is validated floating)
     same_library_and_device(xp, x, value, name)
     if not is_real_floating(xp, value.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
