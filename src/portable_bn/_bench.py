@@ -152,6 +152,21 @@ def _loops_for(fn: Callable[[], object], sample_seconds: float) -> int:
         loops = max(loops + 1, min(loops * 100, wanted))
 
 
+WARM_UP_SECONDS = 1.0
+QUICK_WARM_UP_SECONDS = 0.2
+
+
+def warm_up(seconds: float) -> None:
+    """Keep the CPU busy before the first sample: without it the first row of a run
+    came out up to 2x slow on both sides (clock still ramping up, cold caches)."""
+    source = np.ones(1 << 20)
+    target = np.empty_like(source)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        np.copyto(target, source)
+        np.add(target, 1.0, out=target)
+
+
 def interleaved_medians(
     fns: Sequence[Callable[[], object]], *, repeats: int, sample_seconds: float
 ) -> tuple[list[float], list[int]]:
@@ -907,6 +922,7 @@ def bench(
             file=err,
         )
 
+    warm_up(QUICK_WARM_UP_SECONDS if quick else WARM_UP_SECONDS)
     rows: list[Row] = []
     total = len(loaded) * len(dtypes) * len(shapes) * len(CASES)
     done = 0
