@@ -21,7 +21,7 @@ import os
 import pytest
 from hypothesis import settings
 
-from portable_bn import _backends
+from portable_bn import _backends, _functional
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None)
 settings.register_profile("dev", max_examples=10, deadline=None)
@@ -57,6 +57,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("combo", _params(values_only=False))
     if "vcombo" in metafunc.fixturenames:
         metafunc.parametrize("vcombo", _params(values_only=True))
+
+
+def both_paths(func, *args, **kwargs):
+    """``func`` with the backend fast paths, then forced through the agnostic code."""
+    fast = func(*args, **kwargs)
+    _functional.FAST_PATHS = False
+    try:
+        agnostic = func(*args, **kwargs)
+    finally:
+        _functional.FAST_PATHS = True
+    return fast, agnostic
 
 
 def require_backend(name: str) -> None:

@@ -13,20 +13,11 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from portable_bn import _functional, _numpy_fast
+from conftest import both_paths
+from portable_bn import _numpy_fast
 from portable_bn._check import sample
 from portable_bn._reference import reference_backward, reference_batch_norm
 from portable_bn._tolerance import max_error, tolerance
-
-
-def both_paths(func, *args, **kwargs):
-    fast = func(*args, **kwargs)
-    _functional.FAST_PATHS = False
-    try:
-        agnostic = func(*args, **kwargs)
-    finally:
-        _functional.FAST_PATHS = True
-    return fast, agnostic
 
 
 @pytest.fixture(params=["small", "tiled"])

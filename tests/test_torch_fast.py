@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from conftest import selected_backends
-from portable_bn import _functional
+from conftest import both_paths, selected_backends
 from portable_bn._reference import reference_backward, reference_batch_norm
 from portable_bn._tolerance import max_error, tolerance
 
@@ -27,8 +26,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @pytest.fixture
 def spy(monkeypatch):
-    monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 0)  # small test inputs take the native eval too
     """Record, per call, whether the native result was kept (True) or handed over (False)."""
+    monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 0)  # small test inputs take the native eval too
     kept: list[bool] = []
     for name in ("train_forward", "eval_forward"):
         original = getattr(_torch_fast, name)
@@ -40,16 +39,6 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(_torch_fast, name, wrapper)
     return kept
-
-
-def both_paths(func, *args, **kwargs):
-    fast = func(*args, **kwargs)
-    _functional.FAST_PATHS = False
-    try:
-        agnostic = func(*args, **kwargs)
-    finally:
-        _functional.FAST_PATHS = True
-    return fast, agnostic
 
 
 def t(array, dtype):
