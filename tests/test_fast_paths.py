@@ -144,6 +144,17 @@ def _data(shape, dtype, offset, first_row_offset):
     return x.astype(dtype)
 
 
+@pytest.fixture(params=["vecdot", "no vecdot", "rows beyond DOT_ROW"])
+def products(request, monkeypatch):
+    """Sums of products by BLAS dot products and einsum (NumPy >= 2), by products summed in a
+    scratch tile (NumPy 1.26 has no ``vecdot``), and with rows too long for one dot product."""
+    if request.param == "no vecdot":
+        monkeypatch.setattr(_numpy_fast, "_vecdot", None)
+    elif request.param == "rows beyond DOT_ROW":
+        monkeypatch.setattr(_numpy_fast, "DOT_ROW", 4)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "what"), TILINGS)
 @pytest.mark.parametrize("block_bytes", [200, 1 << 19])
@@ -156,7 +167,7 @@ def _data(shape, dtype, offset, first_row_offset):
     ],
 )
 def test_tilings_and_single_pass_decision(
-    tiled, monkeypatch, dtype, shape, what, block_bytes, offset, first_row_offset, passes
+    tiled, products, monkeypatch, dtype, shape, what, block_bytes, offset, first_row_offset, passes
 ):
     monkeypatch.setattr(_numpy_fast, "BLOCK_BYTES", block_bytes)
     calls = []

@@ -5,10 +5,11 @@ streams every full-size temporary through main memory (about 12 copies' worth
 of traffic for a training forward), and broadcasting a per-channel vector
 costs 2-3x a contiguous operation. Here the input is viewed as ``(A, C, B)``
 (channel axis in the middle, no copy) and walked in tiles of whole channels
-and rows that fit in the L2 cache (:class:`_Tiling`); the output buffer --
+and rows about the size of the L2 cache (:class:`_Tiling`); the output buffer --
 which we allocate, so writing into it is safe -- is the only full-size array
-written. Per-channel sums are ufunc reductions (no BLAS: see
-:class:`_ChannelSums`); per-channel vectors are "pattern rows" (repeated over
+written. Per-channel sums are ufunc reductions, sums of products BLAS dot
+products or ``einsum``, which only read (see :class:`_ChannelSums`);
+per-channel vectors are "pattern rows" (repeated over
 ``B``) unless rows are very long, so that every elementwise step is a
 contiguous vector-vector operation.
 
@@ -48,7 +49,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 BLOCK_BYTES = 1 << 19
-"""Bytes of input per tile: half the 1 MiB L2 (measured faster than a quarter: fewer NumPy calls)."""
+"""Bytes of input per tile: the size of one core's L2 here (512 KiB). Measured faster than
+256 KiB or less, where the NumPy calls are more and the contiguous segments of a tile shorter."""
 
 SHORT_ROW = 512
 """Rows (``B``, the elements of one channel in one batch entry) shorter than this
@@ -66,7 +68,13 @@ SMALL_BYTES = 1 << 17
 """Inputs up to this size sit in the L2 cache whole: no tiling, and as few NumPy
 calls as possible (each costs about 1 us, which is what a small call is made of)."""
 
+DOT_ROW = 65536
+"""Longest row summed by a BLAS dot product: OpenBLAS threads dot products
+only above 100000 elements."""
+
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_vecdot = getattr(np, "vecdot", None)  # NumPy >= 2.0
 
 
 class FastForward(NamedTuple):
@@ -150,10 +158,17 @@ class _ChannelSums:
     channels when the group ends; one-row tiles: the contiguous ``(k, B)``
     row sums. ``(h, k, B)`` tiles: sums over axes 0 and 2.
 
-    No BLAS (a ones-vector product or ``vecdot`` sums 2-5x faster in a quiet
-    process): OpenBLAS runs such products on two threads, and with the other
-    core busy each call then stalls for milliseconds (measured: a float64
-    training forward 100x slower on a loaded 2-core machine).
+    Sums of products (:meth:`add_products`) only read their operands: BLAS
+    dot products per row (``vecdot``) where rows are long, ``einsum`` column
+    sums of products on several-row pattern tiles. Either replaces a product
+    written to a scratch tile and summed (one pass over the tile fewer, and no
+    write), and rounds no worse than the pairwise sum (measured: at most 2-5
+    units of the dtype in a row's sum of squares, as pairwise summation).
+    No matrix products: OpenBLAS runs those on two threads, and with the
+    other core busy each call then stalls for milliseconds (measured: a
+    float64 training forward 100x slower on a loaded 2-core machine);
+    OpenBLAS computes a dot product of up to 100000 elements on the calling
+    thread, so rows are given to ``vecdot`` only up to :data:`DOT_ROW`.
     """
 
     def __init__(self, tiling: _Tiling, group: slice) -> None:
@@ -170,8 +185,18 @@ class _ChannelSums:
             self.columns += np.add.reduce(tile, axis=0)
 
     def add_products(self, a: np.ndarray, b: np.ndarray, work: np.ndarray) -> None:
-        """Add ``sum(a * b)``, the products written to ``work`` (which may be ``a``)."""
-        self.add(np.multiply(a, b, out=work))
+        """Add ``sum(a * b)``; ``work`` (which may be ``a``) is scratch for where no
+        read-only form applies (rows too long for one dot product, NumPy < 2 without ``vecdot``)."""
+        rows = self.tiling.B
+        if _vecdot is not None and rows <= DOT_ROW and (self.columns is None or a.shape[0] == 1):
+            if self.columns is None:  # (h, k, B): a dot product per row
+                self.channels += np.add.reduce(_vecdot(a, b), axis=0)
+            else:  # one pattern row: (k, B) rows
+                self.channels += _vecdot(a.reshape(-1, rows), b.reshape(-1, rows))
+        elif self.columns is not None and a.shape[0] > 1:
+            self.columns += np.einsum("ij,ij->j", a, b)
+        else:
+            self.add(np.multiply(a, b, out=work))
 
     def result(self) -> np.ndarray:
         if self.columns is not None:
@@ -411,17 +436,25 @@ def backward(
     mean64 = mean_d.astype(np.float64)
     invstd64 = np.asarray(invstd, dtype=dtype).astype(np.float64)
     scratch = tiling.scratch(dtype)
-    # Pass 1 (reads g and x): sum(g) and sum(g * (x - mean)).
+    # Pass 1 (reads g and x): sum(g) and sum(g * (x - mean)). Where |mean| * invstd <= 1 for
+    # every channel, as sum(g * x) - mean * sum(g), without the subtraction: that adds an error
+    # of about u * |mean| * sum|g|, times invstd in grad_weight at most u * sum|g| -- what
+    # rounding sum(g) (grad_bias) costs anyway.
+    with np.errstate(invalid="ignore"):
+        centred = bool(np.all(np.abs(mean64 * invstd64) <= 1.0))
     grad_bias = np.zeros(channels)
     grad_dot = np.zeros(channels)
     for group in tiling.groups():
         sums, products = _ChannelSums(tiling, group), _ChannelSums(tiling, group)
-        mean_v = tiling.vector(mean_d, group)
+        mean_v = None if centred else tiling.vector(mean_d, group)
         for g_tile, x_tile in zip(tiling.tiles(g3, group), tiling.tiles(x3, group), strict=True):
-            deviation = np.subtract(x_tile, mean_v, out=_like(scratch, x_tile))
+            work = _like(scratch, x_tile)
+            deviation = x_tile if mean_v is None else np.subtract(x_tile, mean_v, out=work)
             sums.add(g_tile)
-            products.add_products(deviation, g_tile, deviation)
+            products.add_products(deviation, g_tile, work)
         grad_bias[group], grad_dot[group] = sums.result(), products.result()
+    if centred:
+        grad_dot -= mean64 * grad_bias
     grad_weight = grad_dot * invstd64
     k = invstd64 * _param(weight, channels)
     gi3 = np.empty_like(x3)
