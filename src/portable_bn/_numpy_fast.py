@@ -228,9 +228,10 @@ def _sample_shift(x3: np.ndarray) -> np.ndarray | None:
     first row's first elements) where that sample is off-centre (mean**2 >
     variance), else 0; None when every channel looks centred (no subtraction).
     A poor guess costs a second pass, never accuracy (see train_forward)."""
-    sample = x3[0, :, :64]
-    mean = np.mean(sample, axis=1, dtype=np.float64)
-    var = np.var(sample, axis=1, dtype=np.float64)
+    sample = x3[0, :, :64].astype(np.float64)  # contiguous: np.mean/np.var on the strided view cost 5x
+    mean = np.add.reduce(sample, axis=1) / sample.shape[1]
+    deviation = sample - mean[:, None]
+    var = np.add.reduce(deviation * deviation, axis=1) / sample.shape[1]
     centred = mean * mean <= var
     if centred.all():
         return None
