@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from conftest import require_backend
+from conftest import both_paths, require_backend
 from portable_bn._check import sample
 from portable_bn._reference import reference_backward, reference_batch_norm
 
@@ -69,18 +69,71 @@ def test_running_statistics_carry_no_gradient(jnp):
     np.testing.assert_array_equal(np.asarray(jax.grad(running_sum)(jnp.asarray(host))), np.zeros(host.shape))
 
 
-@pytest.mark.parametrize(("offset", "spread", "constant"), [(0.0, 1e20, False), (1e4, 0.1, False), (1e15, 1.0, True)])
-def test_jit_takes_the_prescaling_branch_on_hard_data(jnp, offset, spread, constant):
-    """Under jit the no-prescaling shortcut is a lax.cond: hard data must take the other branch."""
+def _branch(jnp, x):
+    """Which of the three lax.cond branches the training forward takes on ``x`` (axis 1)."""
+    from portable_bn import _agnostic
+    from portable_bn._recipe import make_recipe
+
+    plan = make_recipe(tuple(x.shape), 1)
+    one_pass, _ = _agnostic.one_pass_statistics(jnp, x, plan, 1e-5)
+    if not bool(_agnostic.one_pass_unsafe(jnp, one_pass)):
+        return "one pass"
+    two_pass, _ = _agnostic.batch_statistics(jnp, x, plan, 1e-5, prescale=False, want_var=True)
+    return "prescaled" if bool(_agnostic.needs_prescale(jnp, two_pass)) else "two pass"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("offset", "spread", "constant", "branches"),
+    [
+        (0.5, 1.0, False, ("one pass", "one pass")),  # every mean within its spread
+        (300.0, 100.0, False, ("two pass", "two pass")),  # mean 3 std: one pass would cancel
+        (1e4, 0.1, False, ("two pass", "two pass")),
+        (0.0, 1e20, False, ("prescaled", "one pass")),  # float32 squares overflow, float64 ones do not
+        (1e15, 1.0, True, ("prescaled", "prescaled")),  # a numerically constant channel
+    ],
+)
+def test_jit_branches_on_ordinary_and_hard_data(jnp, monkeypatch, dtype, offset, spread, constant, branches):
+    """Under jit the training statistics are chosen by lax.cond: one pass (mean(x), mean(x**2))
+    where every mean is within its spread, else the corrected two-pass algorithm, prescaled
+    where that shows overflow or a constant channel. Each branch equals the float64 reference."""
     import jax
+
+    from portable_bn._tolerance import max_error, tolerance
 
     host = offset + spread * np.random.default_rng(5).normal(size=(8, 3, 4))
     if constant:
         host[:, 1] = offset
-    x = jnp.asarray(host, dtype=jnp.float32)
-    bias = jnp.asarray([0.5, -1.0, 2.0], dtype=jnp.float32)
-    out = jax.jit(lambda x: pbn.batch_norm(x, bias=bias, training=True).output)(x)
-    expected = reference_batch_norm(np.asarray(x, dtype=np.float64), bias=np.asarray(bias), training=True)["output"]
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-5)
+    x = jnp.asarray(host, dtype=getattr(jnp, dtype))
+    assert _branch(jnp, x) == branches[dtype == "float64"]
+    rm, rv = jnp.asarray([0.0, 1.0, -1.0], dtype=x.dtype), jnp.asarray([1.0, 2.0, 0.5], dtype=x.dtype)
+    w, b = jnp.asarray([1.5, 0.5, 2.0], dtype=x.dtype), jnp.asarray([0.5, -1.0, 2.0], dtype=x.dtype)
+    result = jax.jit(lambda x, rm, rv, w, b: pbn.batch_norm(x, rm, rv, w, b, training=True))(x, rm, rv, w, b)
+    host_args = (np.asarray(a, dtype=np.float64) for a in (x, rm, rv, w, b))
+    expected = reference_batch_norm(*host_args, training=True)
+    keys = ["output", "mean", "invstd", "running_mean", "running_var"]
+    if np.max(expected["running_var"]) > np.finfo(dtype).max:  # beyond the dtype: Inf, as documented
+        keys.remove("running_var")
+        assert np.isinf(np.asarray(result.running_var)).all()
+    for key in keys:
+        assert max_error(np.asarray(getattr(result, key)), expected[key]) <= tolerance(dtype), key
     if constant:
-        np.testing.assert_array_equal(np.asarray(out)[:, 1], np.float32(-1.0))
+        np.testing.assert_array_equal(np.asarray(result.output)[:, 1], np.asarray(b)[1])
+    # The same call through the agnostic code (traced again: FAST_PATHS is read while tracing);
+    # the spy counts traces through _jax_fast.
+    from portable_bn import _jax_fast
+
+    traced = []
+    train_statistics = _jax_fast.train_statistics
+    monkeypatch.setattr(_jax_fast, "train_statistics", lambda *a: traced.append(1) or train_statistics(*a))
+    fast, agnostic = both_paths(
+        lambda *args: jax.jit(lambda x, rm, rv, w, b: pbn.batch_norm(x, rm, rv, w, b, training=True))(*args),
+        x,
+        rm,
+        rv,
+        w,
+        b,
+    )
+    assert traced == [1]  # the fast call only
+    for key in keys:
+        assert max_error(np.asarray(getattr(fast, key)), np.asarray(getattr(agnostic, key))) <= tolerance(dtype), key

@@ -33,6 +33,23 @@ class Centered(NamedTuple):
     """Per-channel mean of ``values`` still to subtract (None: none)."""
     invstd: Any
     """``1 / sqrt(var + eps)`` in the units of ``values``."""
+    mean0: Any = None
+    """Per-channel mean subtracted from the (scaled) ``x`` to give ``values`` (None: not kept)."""
+    prescale: Any = None
+    """Per-channel power of two ``x`` was multiplied by (None: none)."""
+
+
+def recentered(xp: ModuleType, x_compute: Any, centered: Centered, recipe: Recipe) -> Centered:
+    """``centered`` with its ``values`` formed again from ``x_compute`` and the
+    per-channel vectors: the same operations, so the same numbers. A caller
+    that must pass results through a boundary (``jax.lax.cond``) passes only the
+    vectors; the full-size values are then formed where they are consumed, and
+    a compiler fuses them into the output instead of storing them."""
+    values = x_compute
+    if centered.prescale is not None:
+        values = values * xp.reshape(centered.prescale, recipe.param_shape)
+    values = values - xp.reshape(centered.mean0, recipe.param_shape)
+    return centered._replace(values=values)
 
 
 def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
@@ -112,12 +129,37 @@ def batch_statistics(
     residual = xp.mean(centered, axis=recipe.reduce_axes)
     batch_var = xp.mean(centered * centered, axis=recipe.reduce_axes) - residual * residual
     invstd = 1.0 / xp.sqrt(batch_var + eps_scaled)
-    normalizer = Centered(centered, residual, invstd)
+    normalizer = Centered(centered, residual, invstd, mean0, scale)
     mean = mean0 + residual
     if scale is not None:  # back to the input's units (exact: powers of two, one at a time)
         mean, invstd = mean / scale, invstd * scale
         batch_var = batch_var / scale / scale if want_var else None
     return Statistics(mean, invstd, batch_var), normalizer
+
+
+def one_pass_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Centered]:
+    """Mean and biased variance from ``mean(x)`` and ``mean(x**2)``: two reductions of
+    ``x`` itself, with no full-size intermediate (a compiler reads ``x`` once for
+    each, or once for both). ``Centered.values`` is None: form it with :func:`recentered`.
+
+    Trustworthy only where ``mean**2 <= var`` for every channel (see
+    :func:`one_pass_unsafe`): then ``mean(x**2) <= 2 var``, so the subtraction
+    ``var = mean(x**2) - mean**2`` loses at most one bit, and leaving out the
+    corrected algorithm's residual (the rounding error of the mean, about
+    ``u * |mean|``) moves the output by about ``u * |mean| / std <= u``, what
+    that residual's own sum rounds anyway.
+    """
+    mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
+    batch_var = xp.mean(x_compute * x_compute, axis=recipe.reduce_axes) - mean0 * mean0
+    invstd = 1.0 / xp.sqrt(batch_var + eps)
+    centered = Centered(None, xp.zeros_like(mean0), invstd, mean0, xp.ones_like(mean0))
+    return Statistics(mean0, invstd, batch_var), centered
+
+
+def one_pass_unsafe(xp: ModuleType, stats: Statistics) -> Any:
+    """0-d bool: :func:`one_pass_statistics` cannot be used -- a channel with
+    ``mean**2 > var`` (cancellation), or statistics :func:`needs_prescale` rejects."""
+    return xp.any(stats.mean * stats.mean > stats.batch_var) | needs_prescale(xp, stats)
 
 
 def needs_prescale(xp: ModuleType, stats: Statistics) -> Any:

@@ -253,17 +253,10 @@ def _normalize(
             stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=False, want_var=True)
             if not bool(_agnostic.needs_prescale(xp, stats)):
                 return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
-        elif prescale and is_jax_namespace(xp):
-            # JAX: the same shortcut as a lax.cond -- value-dependent without a Python
-            # `if`, so it works under jit; only the branch taken runs (under vmap: both).
-            import jax
+        elif FAST_PATHS and prescale and is_jax_namespace(xp) and recipe.count_per_channel > 0:
+            from . import _jax_fast  # imports jax: only reached with JAX arrays
 
-            quick = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=False, want_var=True)
-            stats, centered = jax.lax.cond(
-                _agnostic.needs_prescale(xp, quick[0]),
-                lambda: _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=True, want_var=True),
-                lambda: quick,
-            )
+            stats, centered = _jax_fast.train_statistics(xp, x_compute, recipe, eps)
             return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
         stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=prescale, want_var=want_var)
     else:

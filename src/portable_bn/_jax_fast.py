@@ -1,0 +1,64 @@
+"""JAX training statistics: the cheapest exact route, chosen under ``jax.jit``.
+
+Why it exists: XLA's CPU reductions do not fuse the elementwise work that feeds
+them, so the agnostic corrected two-pass algorithm stores ``x - mean0`` and
+reads it twice; and a full-size array returned by ``jax.lax.cond`` is stored
+too. Here the statistics come from ``mean(x)`` and ``mean(x**2)`` (two reads of
+``x`` and no full-size intermediate) wherever that is as accurate
+(:func:`._agnostic.one_pass_statistics`); otherwise from the corrected
+two-pass algorithm, prescaled where that shows overflow or a constant channel
+(the agnostic path's own rule). The choice is value-dependent, so it is made by
+``jax.lax.cond`` (no Python ``if`` on traced values; only the branch taken
+runs, under ``vmap`` all of them). Only per-channel vectors cross a ``cond``:
+``x - mean0`` is formed afterwards (:func:`._agnostic.recentered`) and fuses
+into the output's loop. XLA then reads ``x`` three times and writes once, where
+the textbook code reads four times and writes twice.
+
+``tests/test_jax.py`` checks which branch each kind of data takes, and that
+every branch equals the float64 reference and the agnostic path
+(``FAST_PATHS = False``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import jax
+
+from . import _agnostic
+from ._recipe import Recipe
+
+
+def _vectors(
+    xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float, *, prescale: bool
+) -> tuple[_agnostic.Statistics, _agnostic.Centered]:
+    """The agnostic statistics with the full-size values dropped (and a prescale of ones
+    where there is none, so every branch returns the same structure)."""
+    stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=prescale, want_var=True)
+    if centered.prescale is None:
+        centered = centered._replace(prescale=xp.ones_like(centered.mean0))
+    return stats, centered._replace(values=None)
+
+
+def _two_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> Any:
+    quick = _vectors(xp, x_compute, recipe, eps, prescale=False)
+    return jax.lax.cond(
+        _agnostic.needs_prescale(xp, quick[0]),
+        lambda: _vectors(xp, x_compute, recipe, eps, prescale=True),
+        lambda: quick,
+    )
+
+
+def train_statistics(
+    xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float
+) -> tuple[_agnostic.Statistics, _agnostic.Centered]:
+    """Batch statistics and the centred values, as :func:`._agnostic.batch_statistics`
+    with ``prescale=True`` returns them (float32/float64 input, a non-empty batch)."""
+    one_pass = _agnostic.one_pass_statistics(xp, x_compute, recipe, eps)
+    stats, centered = jax.lax.cond(
+        _agnostic.one_pass_unsafe(xp, one_pass[0]),
+        lambda: _two_pass(xp, x_compute, recipe, eps),
+        lambda: one_pass,
+    )
+    return stats, _agnostic.recentered(xp, x_compute, centered, recipe)
