@@ -137,3 +137,35 @@ def test_jit_branches_on_ordinary_and_hard_data(jnp, monkeypatch, dtype, offset,
     assert traced == [1]  # the fast call only
     for key in keys:
         assert max_error(np.asarray(getattr(fast, key)), np.asarray(getattr(agnostic, key))) <= tolerance(dtype), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(("offset", "one_pass"), [(0.5, True), (1e3, False)])
+def test_jit_backward_sums_on_ordinary_and_offset_data(jnp, dtype, training, offset, one_pass):
+    """Under jit the backward's sum(g * xhat) is (sum(g * x) - mean * sum(g)) * invstd where every
+    |mean| * invstd <= 1, else the centred sum (a lax.cond): both equal the reference and the
+    agnostic path."""
+    import jax
+
+    from portable_bn._tolerance import max_error, tolerance
+
+    rng = np.random.default_rng(9)
+    host = offset + rng.normal(size=(8, 3, 4))
+    x = jnp.asarray(host, dtype=getattr(jnp, dtype))
+    grad = jnp.asarray(rng.normal(size=host.shape), dtype=x.dtype)
+    weight = jnp.asarray([1.5, 0.5, 2.0], dtype=x.dtype)
+    forward = pbn.batch_norm(x, training=True)
+    mean, invstd = forward.mean, forward.invstd
+    assert bool(jnp.all(jnp.abs(mean * invstd) <= 1.0)) == one_pass
+
+    def backward(*args):
+        return jax.jit(lambda *a: pbn.batch_norm_backward(*a, training=training))(*args)
+
+    fast, agnostic = both_paths(backward, grad, x, weight, mean, invstd)
+    host_args = [np.asarray(a, dtype=np.float64) for a in (grad, x, weight, mean, invstd)]
+    want = reference_backward(*host_args, training=training)
+    for got, slow, expected in zip(fast, agnostic, want, strict=True):
+        assert got.dtype == x.dtype
+        assert max_error(np.asarray(got), expected) <= tolerance(dtype)
+        assert max_error(np.asarray(got), np.asarray(slow)) <= tolerance(dtype)

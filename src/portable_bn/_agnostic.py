@@ -244,17 +244,25 @@ def backward(
     recipe: Recipe,
     *,
     training: bool,
+    sums: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Analytic gradients of :func:`scale_and_shift` composed with the statistics.
 
     training: dx = w * invstd * (g - sum(g)/n - xhat * sum(g * xhat)/n)
     eval:     dx = g * w * invstd   (the statistics are constants)
+
+    ``sums(xp, grad, x, mean, invstd, recipe)``, if given, returns ``sum(g)`` and
+    ``sum(g * xhat)`` (all in the compute dtype) in place of the plain reductions.
     """
     dtype = compute_dtype(xp, x.dtype)
     grad = _as(xp, grad_output, dtype)
-    xhat = (_as(xp, x, dtype) - _channel(xp, mean, recipe, dtype)) * _channel(xp, invstd, recipe, dtype)
-    grad_bias = xp.sum(grad, axis=recipe.reduce_axes)
-    grad_weight = xp.sum(grad * xhat, axis=recipe.reduce_axes)
+    x_c = _as(xp, x, dtype)
+    xhat = (x_c - _channel(xp, mean, recipe, dtype)) * _channel(xp, invstd, recipe, dtype)
+    if sums is None:
+        grad_bias = xp.sum(grad, axis=recipe.reduce_axes)
+        grad_weight = xp.sum(grad * xhat, axis=recipe.reduce_axes)
+    else:
+        grad_bias, grad_weight = sums(xp, grad, x_c, _as(xp, mean, dtype), _as(xp, invstd, dtype), recipe)
     invstd_c = _as(xp, invstd, dtype)
     scale = invstd_c if weight is None else invstd_c * _as(xp, weight, dtype)
     if training:

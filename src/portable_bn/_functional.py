@@ -347,4 +347,9 @@ def batch_norm_backward(
 
         if _torch_fast.eligible(x, grad_output, weight, mean, invstd, channel_axis=recipe.channel_axis):
             return _torch_fast.train_backward(grad_output, x, weight, mean, invstd)
-    return _agnostic.backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training)
+    sums = None
+    if FAST_PATHS and recipe.count_per_channel > 0 and is_jax_namespace(xp):
+        from . import _jax_fast  # imports jax: only reached with JAX arrays
+
+        sums = _jax_fast.backward_sums
+    return _agnostic.backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training, sums=sums)
