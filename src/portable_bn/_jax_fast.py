@@ -1,4 +1,4 @@
-"""JAX training statistics: the cheapest exact route, chosen under ``jax.jit``.
+"""JAX fast path: training statistics and backward sums by the cheapest exact route, chosen under ``jax.jit``.
 
 Why it exists: XLA's CPU reductions do not fuse the elementwise work that feeds
 them, so the agnostic corrected two-pass algorithm stores ``x - mean0`` and
