@@ -120,7 +120,10 @@ def same_eager_place(x: Any, value: Any) -> bool:
     kind = type(x)
     if type(value) is not kind:
         return False
-    return kind is _ndarray or (kind in _torch_types and bool(value.device == x.device))
+    if kind is _ndarray:
+        return True
+    # torch: two CPU tensors share the one CPU device (is_cpu is cheaper than building devices)
+    return kind in _torch_types and ((value.is_cpu and x.is_cpu) or bool(value.device == x.device))
 
 
 def values_are_cheap(x: Any) -> bool:

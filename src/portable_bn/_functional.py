@@ -3,6 +3,7 @@ the array-API implementation in :mod:`._agnostic`."""
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -190,6 +191,15 @@ def forward(
     return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
 
 
+@functools.cache
+def _torch_fast_module() -> ModuleType:
+    """:mod:`._torch_fast`, imported on first use (it imports torch: only reached with
+    torch tensors); cached, as an import statement costs about 1 us per call."""
+    from . import _torch_fast
+
+    return _torch_fast
+
+
 def _torch_native_forward(
     x: Any,
     running_mean: Any,
@@ -203,7 +213,7 @@ def _torch_native_forward(
     eps: float,
 ) -> BatchNormResult | None:
     """PyTorch's own kernels where :mod:`._torch_fast` finds them as exact as ours, else None."""
-    from . import _torch_fast  # imports torch: only reached with torch tensors
+    _torch_fast = _torch_fast_module()
 
     if not _torch_fast.eligible(
         x, running_mean, running_var, channel_axis=recipe.channel_axis, differentiable=(x, weight, bias)
@@ -343,8 +353,7 @@ def batch_norm_backward(
     ):
         return _numpy_fast.backward(grad_output, x, weight, mean, invstd, axis=recipe.channel_axis, training=training)
     if FAST_PATHS and training and recipe.count_per_channel > 0 and is_torch_namespace(xp):
-        from . import _torch_fast  # imports torch: only reached with torch tensors
-
+        _torch_fast = _torch_fast_module()
         if _torch_fast.eligible(x, grad_output, weight, mean, invstd, channel_axis=recipe.channel_axis):
             return _torch_fast.train_backward(grad_output, x, weight, mean, invstd)
     sums = None

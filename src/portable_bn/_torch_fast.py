@@ -56,15 +56,22 @@ def eligible(x: Any, *arrays: Any, channel_axis: int, differentiable: tuple[Any,
     if channel_axis != 1 or not isinstance(x, torch.Tensor):
         return False
     dtype = x.dtype
-    if dtype not in _DTYPES or x.device.type != "cpu" or x.layout != torch.strided:
+    if dtype not in _DTYPES or not x.is_cpu or x.layout != torch.strided:
         return False
     recording = torch.is_grad_enabled()
-    for array in (x, *arrays, *differentiable):
+    if recording and x.requires_grad and not any(x is allowed for allowed in differentiable):
+        return False
+    for array in arrays:
         if array is None:
             continue
-        if not isinstance(array, torch.Tensor) or array.dtype != dtype or array.device.type != "cpu":
+        if not isinstance(array, torch.Tensor) or array.dtype != dtype or not array.is_cpu:
             return False
         if recording and array.requires_grad and not any(array is allowed for allowed in differentiable):
+            return False
+    for array in differentiable:  # allowed to need a graph
+        if array is None or array is x:
+            continue
+        if not isinstance(array, torch.Tensor) or array.dtype != dtype or not array.is_cpu:
             return False
     return True
 
@@ -100,10 +107,15 @@ class _BatchStatistics(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def _view(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor (``detach`` only where needed: it costs a tensor)."""
+    return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
+
+
 def _host(tensor: torch.Tensor) -> np.ndarray:
     """A float64 NumPy copy of a small CPU tensor: the verdicts below are a few
     tiny operations, which cost about 1 us each in NumPy and 3-10 us in torch."""
-    return tensor.detach().numpy().astype(np.float64)
+    return _view(tensor).astype(np.float64)
 
 
 def _benign_batch(mean: torch.Tensor, invstd: torch.Tensor, eps: float) -> bool:
@@ -127,9 +139,9 @@ def _benign_batch(mean: torch.Tensor, invstd: torch.Tensor, eps: float) -> bool:
 def _benign_running(running_mean: np.ndarray, running_var: np.ndarray, eps: float) -> bool:
     """Every channel finite with ``running_mean**2 <= T**2 * running_var`` (so the
     variance is >= 0), and ``eps > 0``. In the statistics' own dtype: an overflow
-    there (|mean| beyond 1e19 in float32) only makes the test fail, which is safe."""
-    with np.errstate(all="ignore"):
-        smallest_slack = float(np.subtract(running_var * MAX_MEAN_OVER_STD**2, running_mean * running_mean).min())
+    there (|mean| beyond 1e19 in float32) only makes the test fail, which is safe.
+    The caller silences NumPy's floating-point warnings."""
+    smallest_slack = float(np.subtract(running_var * MAX_MEAN_OVER_STD**2, running_mean * running_mean).min())
     return 0.0 <= smallest_slack < math.inf and eps > 0.0
 
 
@@ -170,14 +182,16 @@ def eval_forward(
     """``(output, invstd)`` (F.batch_norm with training=False writes nothing), or None."""
     if x.numel() < MIN_EVAL_ELEMENTS:
         return None
-    mean, var = running_mean.detach().numpy(), running_var.detach().numpy()
-    if not _benign_running(mean, var, eps):
-        return None
-    output = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    mean, var = _view(running_mean), _view(running_var)
     # invstd as _agnostic.running_statistics computes it (same dtype, same roundings), in
     # NumPy: tiny torch operations after the kernel slowed the next kernel call by up to 2x
     # in the benchmark (one thread), NumPy ones did not.
-    return output, torch.from_numpy(1.0 / np.sqrt(var + var.dtype.type(eps)))
+    with np.errstate(all="ignore"):
+        if not _benign_running(mean, var, eps):
+            return None
+        invstd = 1.0 / np.sqrt(var + var.dtype.type(eps))
+    output = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    return output, torch.from_numpy(invstd)
 
 
 def train_backward(
