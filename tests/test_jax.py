@@ -7,8 +7,11 @@ import pytest
 
 import portable_bn as pbn
 from conftest import both_paths, require_backend
+from portable_bn import _agnostic
 from portable_bn._check import sample
+from portable_bn._recipe import make_recipe
 from portable_bn._reference import reference_backward, reference_batch_norm
+from portable_bn._tolerance import max_error, tolerance
 
 
 @pytest.fixture
@@ -71,9 +74,6 @@ def test_running_statistics_carry_no_gradient(jnp):
 
 def _branch(jnp, x):
     """Which of the three lax.cond branches the training forward takes on ``x`` (axis 1)."""
-    from portable_bn import _agnostic
-    from portable_bn._recipe import make_recipe
-
     plan = make_recipe(tuple(x.shape), 1)
     one_pass, _ = _agnostic.one_pass_statistics(jnp, x, plan, 1e-5)
     if not bool(_agnostic.one_pass_unsafe(jnp, one_pass)):
@@ -98,8 +98,6 @@ def test_jit_branches_on_ordinary_and_hard_data(jnp, monkeypatch, dtype, offset,
     where every mean is within its spread, else the corrected two-pass algorithm, prescaled
     where that shows overflow or a constant channel. Each branch equals the float64 reference."""
     import jax
-
-    from portable_bn._tolerance import max_error, tolerance
 
     host = offset + spread * np.random.default_rng(5).normal(size=(8, 3, 4))
     if constant:
@@ -147,8 +145,6 @@ def test_jit_backward_sums_on_ordinary_and_offset_data(jnp, dtype, training, off
     |mean| * invstd <= 1, else the centred sum (a lax.cond): both equal the reference and the
     agnostic path."""
     import jax
-
-    from portable_bn._tolerance import max_error, tolerance
 
     rng = np.random.default_rng(9)
     host = offset + rng.normal(size=(8, 3, 4))

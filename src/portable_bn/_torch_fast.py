@@ -59,19 +59,12 @@ def eligible(x: Any, *arrays: Any, channel_axis: int, differentiable: tuple[Any,
     if dtype not in _DTYPES or not x.is_cpu or x.layout != torch.strided:
         return False
     recording = torch.is_grad_enabled()
-    if recording and x.requires_grad and not any(x is allowed for allowed in differentiable):
-        return False
-    for array in arrays:
+    for array in (x, *arrays, *differentiable):
         if array is None:
             continue
-        if not isinstance(array, torch.Tensor) or array.dtype != dtype or not array.is_cpu:
+        if array is not x and (not isinstance(array, torch.Tensor) or array.dtype != dtype or not array.is_cpu):
             return False
         if recording and array.requires_grad and not any(array is allowed for allowed in differentiable):
-            return False
-    for array in differentiable:  # allowed to need a graph
-        if array is None or array is x:
-            continue
-        if not isinstance(array, torch.Tensor) or array.dtype != dtype or not array.is_cpu:
             return False
     return True
 
