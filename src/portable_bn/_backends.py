@@ -36,8 +36,16 @@ class Combination:
     lazy: bool = False
 
     @property
+    def device_label(self) -> str:
+        """The device as a short name: ``cpu``, ``meta``, ``cuda``, ``cuda:0``, ``device1``."""
+        if self.backend == "cupy":  # a cupy.cuda.Device, whose str is "<CUDA Device 0>"
+            return f"cuda:{self.device.id}"
+        return str(self.device).replace("array_api_strict.", "")
+
+    @property
     def id(self) -> str:
-        return f"{self.backend}-{self.device}-{self.dtype_name}"
+        device = self.device_label if self.backend == "cupy" else self.device
+        return f"{self.backend}-{device}-{self.dtype_name}"
 
     @property
     def dtype(self) -> Any:
@@ -165,5 +173,7 @@ def _combinations(backend: str) -> Iterator[Combination]:
         cp = importlib.import_module("cupy")
         if cupy_device_count(cp) == 0:
             raise BackendUnavailable("cupy: installed but no CUDA device")
+        # CuPy names devices by cupy.cuda.Device (array-api-compat's creation
+        # functions reject the string "cuda").
         for name in ("float16", "float32", "float64"):
-            yield Combination(backend, cp, "cuda", name, values=True)
+            yield Combination(backend, cp, cp.cuda.Device(0), name, values=True)

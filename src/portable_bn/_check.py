@@ -182,7 +182,7 @@ def check(backends: list[str] | None = None, out: TextIO | None = None) -> int:
             rows.append(
                 (
                     backend,
-                    str(combo.device).replace("array_api_strict.", ""),
+                    combo.device_label,
                     combo.dtype_name,
                     shown,
                     f"{tol:.1e}",
