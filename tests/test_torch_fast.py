@@ -1,4 +1,7 @@
-"""The PyTorch CPU fast path (``_torch_fast``) equals the agnostic path and the reference.
+"""The PyTorch fast path (``_torch_fast``) equals the agnostic path and the reference.
+
+On the CPU with PBN_BACKENDS=torch, on CUDA with PBN_BACKENDS=torch_gpu (the
+``device`` fixture runs every test on each selected device).
 
 ``_functional.FAST_PATHS = False`` forces the agnostic code. A spy records
 whether the native kernels' result was kept, so each test also proves which
@@ -16,12 +19,27 @@ from conftest import both_paths, selected_backends
 from portable_bn._reference import reference_backward, reference_batch_norm
 from portable_bn._tolerance import max_error, tolerance
 
-pytestmark = pytest.mark.skipif("torch" not in selected_backends(), reason="torch not selected by PBN_BACKENDS")
+pytestmark = pytest.mark.skipif(
+    not {"torch", "torch_gpu"} & set(selected_backends()), reason="torch/torch_gpu not selected by PBN_BACKENDS"
+)
 
 torch = pytest.importorskip("torch")
 _torch_fast = pytest.importorskip("portable_bn._torch_fast")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ["cpu"] if "torch" in selected_backends() else []
+if "torch_gpu" in selected_backends():
+    DEVICES.append(pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")))
+DEVICE = "cpu"
+"""The device of the running test (set by the autouse ``device`` fixture); ``t`` puts data there."""
+
+
+@pytest.fixture(autouse=True, params=DEVICES)
+def device(request):
+    global DEVICE
+    DEVICE = request.param
+    yield DEVICE
+    DEVICE = "cpu"
 
 
 @pytest.fixture
@@ -42,7 +60,7 @@ def spy(monkeypatch):
 
 
 def t(array, dtype):
-    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=DEVICE, dtype=dtype)
 
 
 def benign(shape, seed):
@@ -79,8 +97,8 @@ def test_native_path_equals_agnostic_path(spy, dtype_name, shape, training, affi
     assert spy == [True], "benign data must take the native kernels"
     assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before), "arguments must not be written to"
     expected = reference_batch_norm(
-        x.double().numpy(), rm.double().numpy(), rv.double().numpy(),
-        None if w is None else w.double().numpy(), None if b is None else b.double().numpy(),
+        x.double().cpu().numpy(), rm.double().cpu().numpy(), rv.double().cpu().numpy(),
+        None if w is None else w.double().cpu().numpy(), None if b is None else b.double().cpu().numpy(),
         training=training, momentum=0.3,
     )  # fmt: skip
     tol = tolerance(dtype_name)
@@ -88,20 +106,20 @@ def test_native_path_equals_agnostic_path(spy, dtype_name, shape, training, affi
         f, a = getattr(fast, name), getattr(agnostic, name)
         assert f.dtype == a.dtype and f.shape == a.shape, name
         assert not f.requires_grad or name in ("output", "mean", "invstd"), name
-        assert max_error(f.numpy(), a.numpy()) <= tol, name
-        assert max_error(f.numpy(), expected[name]) <= tol, name
+        assert max_error(f.cpu().numpy(), a.cpu().numpy()) <= tol, name
+        assert max_error(f.cpu().numpy(), expected[name]) <= tol, name
     grad = t(rng.normal(size=shape), dtype)
     fast_grads, agnostic_grads = both_paths(
         pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training
     )
     want = reference_backward(
-        grad.double().numpy(), x.double().numpy(), None if w is None else w.double().numpy(),
-        fast.mean.double().numpy(), fast.invstd.double().numpy(), training=training,
+        grad.double().cpu().numpy(), x.double().cpu().numpy(), None if w is None else w.double().cpu().numpy(),
+        fast.mean.double().cpu().numpy(), fast.invstd.double().cpu().numpy(), training=training,
     )  # fmt: skip
     for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
         assert f.dtype == a.dtype and f.shape == a.shape
-        assert max_error(f.numpy(), a.numpy()) <= tol
-        assert max_error(f.numpy(), e) <= tol
+        assert max_error(f.cpu().numpy(), a.cpu().numpy()) <= tol
+        assert max_error(f.cpu().numpy(), e) <= tol
 
 
 @pytest.mark.parametrize(("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (20.0, 1.0), (0.0, 1e20), (0.0, 3e37)])
@@ -112,8 +130,8 @@ def test_hard_data_is_handed_to_the_agnostic_path(spy, offset, spread):
     result = pbn.batch_norm(t(x_np, torch.float32), training=True)
     assert spy == [False]
     expected = reference_batch_norm(x_np.astype(np.float64), training=True)["output"]
-    assert max_error(result.output.numpy(), expected) <= tolerance("float32")
-    np.testing.assert_allclose(result.output.numpy(), pbn.batch_norm(x_np, training=True).output, atol=2e-6)
+    assert max_error(result.output.cpu().numpy(), expected) <= tolerance("float32")
+    np.testing.assert_allclose(result.output.cpu().numpy(), pbn.batch_norm(x_np, training=True).output, atol=2e-6)
 
 
 def test_native_kernel_alone_would_fail_the_hard_data():
@@ -121,17 +139,24 @@ def test_native_kernel_alone_would_fail_the_hard_data():
     x_np = (1e4 + 0.1 * np.random.default_rng(2).normal(size=(64, 3, 8, 8))).astype(np.float32)
     native = torch.nn.functional.batch_norm(t(x_np, torch.float32), None, None, training=True)
     expected = reference_batch_norm(x_np.astype(np.float64), training=True)["output"]
-    assert max_error(native.numpy(), expected) > 100 * tolerance("float32")
+    assert max_error(native.cpu().numpy(), expected) > 100 * tolerance("float32")
 
 
 def test_eval_with_far_running_mean_is_handed_over(spy):
+    """On the CPU (whose kernel computes x * alpha + beta); CUDA's kernels compute
+    (x - mean) * invstd and keep such data, as exactly."""
     x_np = 1e4 + np.random.default_rng(3).normal(size=(32, 2, 9))
     x = t(x_np, torch.float32)
     rm, rv = t(np.array([1e4, 0.0]), torch.float32), t(np.array([1.0, 1.0]), torch.float32)
-    result = pbn.batch_norm(x, rm, rv, training=False)
-    assert spy == [False]
-    expected = reference_batch_norm(x.double().numpy(), rm.double().numpy(), rv.double().numpy(), training=False)
-    assert max_error(result.output.numpy(), expected["output"]) <= tolerance("float32")
+    fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, training=False)
+    assert spy == [DEVICE != "cpu"]
+    assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float32")
+    assert torch.equal(fast.invstd, agnostic.invstd)
+    result = fast
+    expected = reference_batch_norm(
+        x.double().cpu().numpy(), rm.double().cpu().numpy(), rv.double().cpu().numpy(), training=False
+    )
+    assert max_error(result.output.cpu().numpy(), expected["output"]) <= tolerance("float32")
 
 
 def test_constant_zero_and_nonfinite_channels(spy):
@@ -142,7 +167,7 @@ def test_constant_zero_and_nonfinite_channels(spy):
     fast, agnostic = both_paths(pbn.batch_norm, x, bias=bias, training=True)
     assert spy == [True]
     assert torch.equal(fast.output[:, 1], torch.full_like(fast.output[:, 1], 1.0))
-    assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float32")
+    assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float32")
     x_np[:, 2] = 7.25  # a constant channel: handed over, output exactly the bias
     fast = pbn.batch_norm(t(x_np, torch.float32), bias=bias, training=True)
     assert spy[-1] is False
@@ -160,13 +185,13 @@ def test_paths_not_taken(spy):
     x = t(benign((6, 3, 5), seed=5), torch.float32)
     pbn.batch_norm(x, training=True)
     assert spy == [True]
-    pbn.batch_norm(x, torch.zeros(3, requires_grad=True), torch.ones(3), training=True)
+    pbn.batch_norm(x, torch.zeros(3, device=DEVICE, requires_grad=True), torch.ones(3, device=DEVICE), training=True)
     assert spy == [True]
     pbn.batch_norm(x.detach().to(torch.bfloat16), training=True)
     pbn.batch_norm(x.detach().movedim(1, -1), training=True, axis=-1)
     pbn.batch_norm(x.detach().to("meta"), training=True)
     assert spy == [True]
-    module = pbn.BatchNorm1d(3, momentum=None, xp=torch)
+    module = pbn.BatchNorm1d(3, momentum=None, xp=torch, device=DEVICE)
     module(x.detach())
     assert spy == [True]
 
@@ -177,35 +202,38 @@ def test_non_contiguous_input(spy):
     strided = t(x_np, torch.float64)[:, :, ::2]
     for value in (x, strided):
         fast, agnostic = both_paths(pbn.batch_norm, value, training=True)
-        assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float64")
+        assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float64")
     assert spy == [True, True]
 
 
 def test_module_training_loop_uses_the_native_path(spy):
     """A torch module in a no-grad training loop (e.g. statistics recalibration)."""
     x_np = benign((16, 4, 6), seed=7)
-    ours = pbn.BatchNorm1d(4, xp=torch, dtype=torch.float64)
-    theirs = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+    ours = pbn.BatchNorm1d(4, xp=torch, device=DEVICE, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm1d(4, device=DEVICE, dtype=torch.float64)
     with torch.no_grad():
         for step in range(3):
             x = t(x_np + step, torch.float64)
             out, expected = ours(x), theirs(x)
-            assert max_error(out.numpy(), expected.numpy()) <= tolerance("float64")
+            assert max_error(out.cpu().numpy(), expected.cpu().numpy()) <= tolerance("float64")
     assert spy == [True] * 3
-    assert max_error(ours.running_var.numpy(), theirs.running_var.numpy()) <= tolerance("float64")
+    assert max_error(ours.running_var.cpu().numpy(), theirs.running_var.cpu().numpy()) <= tolerance("float64")
     assert int(ours.num_batches_tracked) == 3
 
 
 def test_small_eval_takes_the_agnostic_path(spy, monkeypatch):
+    """CPU only: on CUDA every eval call takes the kernel (launches cost more than passes)."""
     monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 1 << 16)
     x = t(benign((4, 3, 5), seed=8), torch.float32)
-    rm, rv = torch.zeros(3), torch.ones(3)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     pbn.batch_norm(x, rm, rv, training=False)
-    assert spy == [False]
+    assert spy == [DEVICE != "cpu"]
     big = t(benign((64, 4, 256), seed=9), torch.float32)
-    fast, agnostic = both_paths(pbn.batch_norm, big, torch.zeros(4), torch.ones(4), training=False)
-    assert spy == [False, True]
-    assert max_error(fast.output.numpy(), agnostic.output.numpy()) <= tolerance("float32")
+    fast, agnostic = both_paths(
+        pbn.batch_norm, big, torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), training=False
+    )
+    assert spy == [DEVICE != "cpu", True]
+    assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float32")
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -228,7 +256,7 @@ def test_autograd_through_the_native_path(spy, training):
     fast, agnostic = both_paths(loss_and_grads)
     assert spy == [True]
     for f, a in zip(fast, agnostic, strict=True):
-        assert max_error(f.numpy(), a.numpy()) <= tolerance("float64")
+        assert max_error(f.cpu().numpy(), a.cpu().numpy()) <= tolerance("float64")
 
     def call(x, w, b):
         r = pbn.batch_norm(x, rm, rv, w, b, training=training)
@@ -255,4 +283,35 @@ def test_backward_with_a_graph_takes_the_agnostic_path():
     assert grad_input.grad_fn is not None
     with torch.no_grad():
         expected = pbn.batch_norm_backward(grad, x, None, r.mean, r.invstd)[0]
-    assert max_error(grad_input.detach().numpy(), expected.numpy()) <= tolerance("float64")
+    assert max_error(grad_input.detach().cpu().numpy(), expected.cpu().numpy()) <= tolerance("float64")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_graph_capture(spy, device, training):
+    """Under CUDA graph capture the training verdict (a host read) is skipped and the
+    agnostic path, which never synchronizes, is captured; eval keeps the kernel.
+    Replays on new data give the reference results."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    shape = (8, 3, 5, 4)
+    x = t(benign(shape, seed=17), torch.float32)
+    rm, rv = t(np.linspace(-1, 1, 3), torch.float32), t(np.linspace(0.5, 2, 3), torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        pbn.batch_norm(x, rm, rv, training=training)
+    torch.cuda.current_stream().wait_stream(side)
+    assert spy == [True]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = pbn.batch_norm(x, rm, rv, training=training)
+    assert spy == [True, not training]
+    for seed in (18, 19):
+        x.copy_(t(benign(shape, seed=seed), torch.float32))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference_batch_norm(
+            x.double().cpu().numpy(), rm.double().cpu().numpy(), rv.double().cpu().numpy(), training=training
+        )
+        for name in ("output", "running_mean", "running_var", "mean", "invstd"):
+            assert max_error(getattr(captured, name).cpu().numpy(), expected[name]) <= tolerance("float32"), name
