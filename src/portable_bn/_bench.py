@@ -12,6 +12,8 @@ Baselines:
 - NumPy (and CuPy): a same-size array copy, ``copyto`` into a preallocated
   array ("copies": the memory-bandwidth floor), and the textbook
   implementation :func:`naive_batch_norm` / :func:`naive_batch_norm_backward`;
+- CuPy, where torch sees a CUDA device: instead of the textbook code, PyTorch
+  on the same data and device (cuDNN where PyTorch uses it), as for torch_gpu;
 - PyTorch: ``torch.nn.functional.batch_norm``; for the backward,
   ``torch.autograd.grad`` through its graph, built once outside the timed
   region, so only the backward is timed on both sides;
@@ -43,7 +45,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
 import numpy as np
@@ -387,6 +389,26 @@ def _torch_contests(torch: Any, device: str) -> ContestMaker:
     return make
 
 
+def _cupy_contests(cp: Any) -> ContestMaker:
+    """CuPy: ours against a copy, and against PyTorch's kernels on the same data
+    (cuDNN, the issue's yardstick) where torch sees a CUDA device, else against
+    the naive CuPy implementation."""
+    cupy_make = _array_module_contests(cp, cp.asarray, cp.cuda.Device().synchronize, memory=False)
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        return cupy_make
+    if not torch.cuda.is_available():
+        return cupy_make
+    torch_make = _torch_contests(torch, "cuda")
+
+    def make(case: str, host: dict[str, np.ndarray]) -> Contest:
+        native = torch_make(case, host)
+        return replace(cupy_make(case, host), baseline=native.baseline, baseline_name=f"torch {native.baseline_name}")
+
+    return make
+
+
 def _jax_contests(jax: Any, device: Any) -> ContestMaker:
     """JAX: jitted ours against the jitted naive implementation."""
     jnp = importlib.import_module("jax.numpy")
@@ -459,7 +481,7 @@ def load_backend(name: str) -> Backend:
         cp = _import("cupy", name)
         if cupy_device_count(cp) == 0:
             raise BackendUnavailable("cupy: installed but no CUDA device")
-        return Backend(name, "cuda", _array_module_contests(cp, cp.asarray, cp.cuda.Device().synchronize, memory=False))
+        return Backend(name, "cuda", _cupy_contests(cp))
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
@@ -803,7 +825,7 @@ def target_lines(targets: Sequence[dict[str, Any]]) -> list[str]:
 _PANELS = {
     # backend: [(Row field, y label)]
     "numpy": [("copies", "time / array copy"), ("ratio", "time / naive NumPy")],
-    "cupy": [("copies", "time / array copy"), ("ratio", "time / naive CuPy")],
+    "cupy": [("copies", "time / array copy"), ("ratio", "time / PyTorch CUDA (or naive CuPy)")],
     "torch": [("ratio", "time / PyTorch native")],
     "torch_gpu": [("ratio", "time / PyTorch native")],
     "jax": [("ratio", "time / naive jnp (jit)")],
