@@ -176,3 +176,68 @@ def test_accuracy_report_rows_are_within_tolerance():
         if impl.startswith("portable_bn"):
             assert set(errors) == {name for name, (_, dtypes) in DATA.items() if dtype in dtypes}
             assert all(error <= tolerance(dtype) for error in errors.values()), (impl, dtype, errors)
+
+
+def _fused_case(case, dtype_name):
+    """Host data for test_fused_statistics_match_the_float64_truth."""
+    if case in HARD:
+        return _hard(*HARD[case])
+    host = np.random.default_rng(6).normal(size=SHAPE)
+    if case == "overflowing-sum":  # every value near a tenth of the largest: the plain sum overflows
+        big = float(np.finfo(dtype_name).max) / 10
+        host = big + (big / 10) * host
+    elif case == "constant":
+        host[:, 1] = 123.4375
+    else:
+        host[1, 1, 2, 3] = {"nan": np.nan, "inf": np.inf}[case]
+    return host
+
+
+@pytest.mark.parametrize("case", [*HARD, "overflowing-sum", "constant", "nan", "inf"])
+def test_fused_statistics_match_the_float64_truth(vcombo, case):
+    """_agnostic.fused_statistics (JAX's route on GPUs, where XLA fuses reductions of one
+    input): the statistics and the output of the agnostic algorithm, on every backend and
+    the hard data, a channel whose plain sum overflows, a constant channel and NaN/Inf."""
+    _full_precision(vcombo)
+    from portable_bn import _agnostic
+    from portable_bn._compat import array_namespace
+    from portable_bn._recipe import make_recipe
+
+    host = _fused_case(case, vcombo.dtype_name)
+    x = vcombo.asarray(host)
+    xh = vcombo.to_numpy(x)
+    if case == "overflowing-sum":
+        with np.errstate(over="ignore"):
+            assert not np.isfinite(np.sum(xh.astype(vcombo.dtype_name), axis=(0, 2, 3))).any()
+    xp = array_namespace(x)
+    recipe = make_recipe(SHAPE, 1)
+    weight, bias = vcombo.asarray(np.array([1.5, 0.5, 2.0])), vcombo.asarray(np.array([0.1, -0.2, 0.3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy: invalid values in the NaN/Inf channel
+        stats, centered = _agnostic.fused_statistics(xp, x, recipe, 1e-5)
+        assert centered.values is None
+        centered = _agnostic.recentered(xp, x, centered, recipe)
+        output = vcombo.to_numpy(_agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype))
+        got = {name: vcombo.to_numpy(getattr(stats, name)) for name in ("mean", "invstd", "batch_var")}
+    channels = [0, 2] if case in ("nan", "inf") else [0, 1, 2]
+    # The reference's exact sums overflow float64 on float64's overflowing-sum data: it gets the
+    # data times a power of two that brings them near 1 (exact), eps likewise, and its
+    # statistics are scaled back.
+    unit = 2.0 ** -np.frexp(np.max(np.abs(xh)))[1] if case == "overflowing-sum" else 1.0
+    expected = reference_batch_norm(
+        xh[:, channels] * unit, weight=np.array([1.5, 0.5, 2.0])[channels],
+        bias=np.array([0.1, -0.2, 0.3])[channels], training=True, eps=1e-5 * unit * unit,
+    )  # fmt: skip
+    tol = tolerance(vcombo.dtype_name)
+    assert max_error(output[:, channels], expected["output"]) <= tol
+    np.testing.assert_allclose(got["mean"][channels] * unit, expected["mean"], rtol=tol, atol=0)
+    np.testing.assert_allclose(got["invstd"][channels] / unit, expected["invstd"], rtol=tol, atol=0)
+    biased_var = (xh[:, channels] * unit).var(axis=(0, 2, 3))
+    with np.errstate(over="ignore"):
+        in_range = biased_var / unit / unit <= float(np.finfo(vcombo.dtype_name).max)
+        got_var = got["batch_var"][channels][in_range] * unit * unit
+    np.testing.assert_allclose(got_var, biased_var[in_range], rtol=tol, atol=0)
+    if case == "constant":  # exactly the bias, as in the agnostic algorithm
+        np.testing.assert_array_equal(output[:, 1], vcombo.to_numpy(bias)[1])
+    if case in ("nan", "inf"):
+        assert np.isnan(output[:, 1]).all() and np.isnan(got["mean"][1]) and np.isnan(got["invstd"][1])

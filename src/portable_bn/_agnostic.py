@@ -121,10 +121,19 @@ def batch_statistics(
         high = xp.max(x_compute, axis=recipe.reduce_axes)
         scale = power_of_two_scale(xp, low, high)
         x_compute = x_compute * xp.reshape(scale, recipe.param_shape)
-        eps_scaled = xp.maximum(eps * scale * scale, xp.full_like(scale, xp.finfo(scale.dtype).smallest_normal))
+        eps_scaled = _scaled_epsilon(xp, eps, scale)
     mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
     if scale is not None:
         mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
+    return _corrected(xp, x_compute, mean0, scale, eps_scaled, recipe, want_var=want_var)
+
+
+def _corrected(
+    xp: ModuleType, x_compute: Any, mean0: Any, scale: Any, eps_scaled: Any, recipe: Recipe, *, want_var: bool
+) -> tuple[Statistics, Centered]:
+    """The second pass of the corrected two-pass algorithm: ``x_compute`` (already
+    multiplied by ``scale``, if any) centred on ``mean0``, the residual mean and the
+    variance; statistics returned in the input's units."""
     centered = x_compute - xp.reshape(mean0, recipe.param_shape)
     residual = xp.mean(centered, axis=recipe.reduce_axes)
     batch_var = xp.mean(centered * centered, axis=recipe.reduce_axes) - residual * residual
@@ -135,6 +144,40 @@ def batch_statistics(
         mean, invstd = mean / scale, invstd * scale
         batch_var = batch_var / scale / scale if want_var else None
     return Statistics(mean, invstd, batch_var), normalizer
+
+
+def _scaled_epsilon(xp: ModuleType, eps: float, scale: Any) -> Any:
+    """``eps * scale**2``, kept above the smallest normal number (a constant channel of
+    huge values must still divide by a positive number)."""
+    return xp.maximum(eps * scale * scale, xp.full_like(scale, xp.finfo(scale.dtype).smallest_normal))
+
+
+def fused_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Centered]:
+    """:func:`batch_statistics` with ``prescale=True``, in two reading passes of ``x``
+    instead of three, for compilers that fuse reductions of the same input (XLA on GPUs).
+
+    Pass 1 takes, side by side, ``min(x)``, ``max(x)`` (for the prescale) and the sums of
+    ``x`` and of ``x * 2**-E`` (E half the dtype's largest exponent, so that sum cannot
+    overflow); ``mean0`` is the mean of ``x`` times the prescale, from the plain sum where
+    that is finite, else from the shrunk one (the plain sum overflows only where every
+    value the shrinking flushes to zero is negligible against the mean). Pass 2 is the
+    corrected algorithm's, on ``x`` times the prescale: ``mean0`` need not be exact, only
+    close (the residual corrects it), and it is as close as the agnostic ``mean0``.
+    NaN and Inf give NaN statistics, as there. Float32/float64 input, a non-empty batch.
+    ``Centered.values`` is None: form it with :func:`recentered`.
+    """
+    axes = recipe.reduce_axes
+    low, high = xp.min(x_compute, axis=axes), xp.max(x_compute, axis=axes)
+    total = xp.sum(x_compute, axis=axes)
+    shrink = 2.0 ** -(math.frexp(float(xp.finfo(x_compute.dtype).max))[1] // 2)
+    shrunk_total = xp.sum(x_compute * shrink, axis=axes)
+    scale = power_of_two_scale(xp, low, high)
+    count = float(recipe.count_per_channel)
+    mean0 = xp.where(xp.isfinite(total), total / count * scale, shrunk_total / count * (scale / shrink))
+    mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
+    scaled = x_compute * xp.reshape(scale, recipe.param_shape)
+    stats, centered = _corrected(xp, scaled, mean0, scale, _scaled_epsilon(xp, eps, scale), recipe, want_var=True)
+    return stats, centered._replace(values=None)
 
 
 def one_pass_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Centered]:
