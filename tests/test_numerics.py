@@ -21,13 +21,14 @@ HARD = {  # name -> (offset, spread): every one stays inside float32's range
     "magnitude-1e20": (0.0, 1e20),
     "offset-1e20": (1e20, 1e19),
     "magnitude-3e37": (0.0, 3e37),
+    "near-largest": (-3e38, 1e37),  # beyond 2**127: the prescale would be subnormal uncapped
     "tiny-variance": (1.0, 1e-4),
 }
 
 
 def _hard(offset, spread, seed=0):
     rng = np.random.default_rng(seed)
-    return offset + spread * rng.normal(size=SHAPE)
+    return np.clip(offset + spread * rng.normal(size=SHAPE), -3.4e38, 3.4e38)  # inside float32
 
 
 def _full_precision(combo):

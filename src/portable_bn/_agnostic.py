@@ -71,18 +71,23 @@ def _channel(xp: ModuleType, vector: Any, recipe: Recipe, dtype: Any) -> Any:
 
 
 def power_of_two_scale(xp: ModuleType, low: Any, high: Any) -> Any:
-    """Per-channel ``2**-k`` with ``k = max(0, floor(log2(max|x|)))``, from the
+    """Per-channel ``2**-k`` with ``k = min(max(0, floor(log2(max|x|))), 126 or 1022)``, from the
     channel minima ``low`` and maxima ``high``.
 
     Multiplying by it brings every channel into ``[-2, 2]`` so squares cannot
     overflow (float32 squares overflow from |x| ~ 1.8e19). Scaling by a power
     of two is exact, so ordinary data give bit-for-bit the results they would
     give unscaled; channels with |x| <= 1 get exactly 1. A channel holding Inf
-    gets 0 (its statistics become NaN, as they must); NaN keeps 1.
+    gets 0 (its statistics become NaN, as they must); NaN keeps 1. ``k`` is at
+    most the exponent of the smallest normal number (126 in float32): a
+    subnormal scale would be flushed to zero where a library computes with
+    flush-to-zero (CuPy's kernels do), and ``2**-126`` already brings the
+    largest float32 into ``[-4, 4]``.
     """
     largest = xp.maximum(high, -low)
     largest = xp.where(largest > 1.0, largest, xp.ones_like(largest))  # also NaN -> 1
-    return 2.0 ** -xp.floor(xp.log2(largest))
+    most = -math.log2(xp.finfo(largest.dtype).smallest_normal)
+    return 2.0 ** -xp.minimum(xp.floor(xp.log2(largest)), xp.full_like(largest, most))
 
 
 def batch_statistics(
