@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _agnostic, _numpy_fast, _validate
-from ._compat import detach, is_jax_namespace, is_torch_namespace, values_are_cheap
+from ._compat import detach, is_cupy_namespace, is_jax_namespace, is_torch_namespace, values_are_cheap
 from ._recipe import Recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
@@ -243,7 +243,7 @@ def _normalize(
     training: bool,
     eps: float,
 ) -> tuple[_agnostic.Statistics, Any]:
-    """Statistics and output: the NumPy fast path where it applies, else the agnostic code."""
+    """Statistics and output: the NumPy or CuPy fast path where it applies, else the agnostic code."""
     want_var = running_mean is not None
     if FAST_PATHS and recipe.count_per_channel > 0 and _numpy_fast.eligible(x, weight, bias, running_mean):
         if training:
@@ -253,6 +253,13 @@ def _normalize(
         else:
             stats = _agnostic.running_statistics(xp, running_mean, running_var, x.dtype, eps)
             return stats, _numpy_fast.eval_forward(x, stats.mean, stats.invstd, weight, bias, axis=recipe.channel_axis)
+    if FAST_PATHS and recipe.count_per_channel > 0 and is_cupy_namespace(xp):
+        from . import _cupy_fast  # imports cupy: only reached with CuPy arrays
+
+        if _cupy_fast.eligible(x, training=training):
+            if training:
+                return _cupy_fast.train_forward(x, weight, bias, recipe, eps=eps)
+            return _cupy_fast.eval_forward(x, running_mean, running_var, weight, bias, recipe, eps=eps)
     dtype = _agnostic.compute_dtype(xp, x.dtype)
     x_compute = xp.astype(x, dtype, copy=False)
     if training:

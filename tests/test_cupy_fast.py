@@ -1,0 +1,150 @@
+"""The CuPy fast path (``_cupy_fast``) equals the agnostic path and the float64 reference.
+
+Runs with PBN_BACKENDS=cupy on a machine with a CUDA device (docs/testing, GPU
+runs); skipped elsewhere. ``_functional.FAST_PATHS = False`` forces the
+agnostic code; a spy records that the fast path ran.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import portable_bn as pbn
+from conftest import both_paths, require_backend
+from portable_bn._reference import reference_batch_norm
+from portable_bn._tolerance import max_error, tolerance
+
+
+@pytest.fixture
+def cp():
+    require_backend("cupy")
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture
+def spy(cp, monkeypatch):
+    """Names of the fast-path functions called."""
+    from portable_bn import _cupy_fast
+
+    called: list[str] = []
+    for name in ("train_forward", "eval_forward"):
+        original = getattr(_cupy_fast, name)
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            called.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_cupy_fast, name, wrapper)
+    return called
+
+
+def _check(cp, x_host, dtype, *, training, axis=1, affine=True, running=True, momentum=0.1):
+    """Both paths against the reference; returns the fast result."""
+    channels = x_host.shape[axis]
+    rng = np.random.default_rng(1)
+    host = {
+        "running_mean": rng.uniform(-1, 1, channels) if running else None,
+        "running_var": rng.uniform(0.5, 2, channels) if running else None,
+        "weight": rng.uniform(0.5, 2, channels) if affine else None,
+        "bias": rng.normal(size=channels) if affine else None,
+    }
+    x = cp.asarray(x_host, dtype=dtype)
+    arrays = {key: None if value is None else cp.asarray(value, dtype=dtype) for key, value in host.items()}
+    before = {key: None if value is None else value.copy() for key, value in arrays.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fast, agnostic = both_paths(pbn.batch_norm, x, **arrays, training=training, momentum=momentum, axis=axis)
+    for key, value in arrays.items():  # arguments are never written to
+        assert value is None or bool(cp.all((value == before[key]) | cp.isnan(value)))
+    xh = cp.asnumpy(x).astype(np.float64)
+    as_host = {key: None if value is None else cp.asnumpy(value).astype(np.float64) for key, value in arrays.items()}
+    expected = reference_batch_norm(xh, **as_host, training=training, momentum=momentum, axis=axis)
+    tol = tolerance(np.dtype(dtype).name)
+    for name in ("output", "running_mean", "running_var", "mean", "invstd"):
+        want = expected[name]
+        got, other = getattr(fast, name), getattr(agnostic, name)
+        if want is None:
+            assert got is None and other is None, name
+            continue
+        assert got.dtype == other.dtype and got.shape == other.shape, name
+        got_host, other_host = cp.asnumpy(got), cp.asnumpy(other)
+        with np.errstate(invalid="ignore"):
+            in_range = np.abs(want) <= np.finfo(dtype).max  # a variance beyond the dtype is Inf
+        assert np.isfinite(got_host[in_range]).all(), name
+        assert np.isinf(got_host[~in_range & ~np.isnan(want)]).all(), name
+        assert max_error(got_host[in_range], want[in_range]) <= tol, name
+        assert max_error(got_host[in_range], other_host[in_range]) <= tol, name
+    return fast
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape_axis", [((16, 3), 1), ((4, 3, 7), 1), ((5, 4, 6, 3), 1), ((5, 6, 3, 4), -1)])
+@pytest.mark.parametrize(("affine", "running"), [(True, True), (False, True), (True, False)])
+def test_fast_path_equals_agnostic_path(cp, spy, dtype, training, shape_axis, affine, running):
+    shape, axis = shape_axis
+    if not training and not running:
+        pytest.skip("eval needs running statistics")
+    x_host = 3.0 + 2.0 * np.random.default_rng(2).normal(size=shape)
+    _check(cp, x_host, dtype, training=training, axis=axis, affine=affine, running=running)
+    takes_fast_path = not training or dtype == "float32"  # float64 training keeps the agnostic code
+    assert spy == ([("train_forward" if training else "eval_forward")] if takes_fast_path else [])
+
+
+@pytest.mark.parametrize(
+    ("offset", "spread"),
+    [(1e4, 0.1), (1e6, 1.0), (0.0, 1e20), (1e20, 1e19), (0.0, 3e37), (-3e38, 1e37), (1.0, 1e-4)],
+)
+def test_hard_data_in_training(cp, spy, offset, spread):
+    """Offsets, squares beyond float32 (the float64 sums and the output's power of two
+    keep them), values near float32's largest: the reference's answer."""
+    x_host = offset + spread * np.random.default_rng(3).normal(size=(8, 3, 4, 4))
+    x_host = np.clip(x_host, -3.4e38, 3.4e38)
+    fast = _check(cp, x_host, "float32", training=True)
+    assert spy == ["train_forward"]
+    assert bool(cp.isfinite(fast.output).all())
+
+
+def test_constant_nan_and_inf_channels(cp, spy):
+    """A constant channel gives exactly the bias (also of huge values); NaN and Inf
+    make their own channel NaN and leave the others exact."""
+    x_host = np.random.default_rng(4).normal(size=(6, 5, 7))
+    x_host[:, 1] = 123.4375
+    x_host[:, 2] = 3e38
+    x_host[2, 3, 4] = np.nan
+    x_host[1, 4, 0] = np.inf
+    x = cp.asarray(x_host, dtype=cp.float32)
+    bias = cp.asarray(np.arange(5.0), dtype=cp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = pbn.batch_norm(x, bias=bias, training=True)
+    assert spy == ["train_forward"]
+    out = cp.asnumpy(result.output)
+    np.testing.assert_array_equal(out[:, 1], 1.0)
+    np.testing.assert_array_equal(out[:, 2], 2.0)
+    assert np.isnan(out[:, 3]).all() and np.isnan(out[:, 4]).all()
+    expected = reference_batch_norm(x_host[:, :1].astype(np.float32).astype(np.float64), training=True)
+    assert max_error(out[:, :1], expected["output"]) <= tolerance("float32")
+    np.testing.assert_allclose(cp.asnumpy(result.invstd)[1], 1 / np.sqrt(1e-5), rtol=tolerance("float32"))
+
+
+def test_non_contiguous_and_module(cp, spy):
+    """Strided input, and a module's training loop with momentum=None (a 0-d factor)."""
+    x_host = np.random.default_rng(5).normal(size=(8, 3, 10, 6))
+    x = cp.asarray(x_host, dtype=cp.float32)[:, :, ::2, 1:]
+    fast, agnostic = both_paths(pbn.batch_norm, x, training=True)
+    assert max_error(cp.asnumpy(fast.output), cp.asnumpy(agnostic.output)) <= tolerance("float32")
+    module = pbn.BatchNorm2d(3, momentum=None, xp=cp, device=x.device)
+    reference = pbn.BatchNorm2d(3, momentum=None)
+    for step in range(3):
+        batch = x_host + step
+        out = module(cp.asarray(batch, dtype=cp.float32))
+        expected = reference(batch.astype(np.float32).astype(np.float64))
+        assert max_error(cp.asnumpy(out), expected) <= tolerance("float32")
+    np.testing.assert_allclose(cp.asnumpy(module.running_var), reference.running_var, rtol=tolerance("float32"))
+    assert spy.count("train_forward") == 4
