@@ -22,12 +22,13 @@ statistics before the call. Where the test fails the functions return None
 and the caller takes the agnostic path; the wasted native call costs one
 extra pass, on data that need care anyway.
 
-On the CPU and on CUDA devices, for float32/float64 tensors whose parameters share their dtype and device, channel
-axis 1. On CUDA the training verdict costs one device-to-host copy of the
-statistics, which waits for the kernel (a synchronization; measured on an H100
-about 30 us, against the agnostic path's 600 us of kernel launches); it is not
-taken while a CUDA graph is being captured, where the agnostic path (which never
-synchronizes) runs instead. CUDA eval needs no verdict: the CUDA kernels (native
+On the CPU and on CUDA devices, for float32/float64 tensors whose parameters
+share their dtype and device, channel axis 1. On CUDA the training verdict
+costs one device-to-host copy of the statistics, which waits for the kernel (a
+synchronization; the verdict measured about 40 us on an H100, against the
+agnostic path's 600 us of kernel launches); it is not taken while a CUDA graph
+is being captured, where the agnostic path (which never synchronizes) runs
+instead. CUDA eval needs no verdict: the CUDA kernels (native
 and cuDNN) compute ``(x - mean) * invstd * weight + bias`` and were measured as
 exact as ours on every data set of docs/accuracy, offsets included (GPU matrix,
 docs/testing).
@@ -73,7 +74,7 @@ def eligible(x: Any, *arrays: Any, channel_axis: int, differentiable: tuple[Any,
     on_cpu = x.is_cpu
     if dtype not in _DTYPES or not (on_cpu or x.is_cuda) or x.layout != torch.strided:
         return False
-    place = x.device
+    place = None if on_cpu else x.device  # building a device object costs; the CPU test is is_cpu
     recording = torch.is_grad_enabled()
     for array in (x, *arrays, *differentiable):
         if array is None:
