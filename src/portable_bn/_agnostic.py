@@ -159,7 +159,8 @@ def _scaled_epsilon(xp: ModuleType, eps: float, scale: Any) -> Any:
 
 def fused_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Centered]:
     """:func:`batch_statistics` with ``prescale=True``, in two reading passes of ``x``
-    instead of three, for compilers that fuse reductions of the same input (XLA on GPUs).
+    instead of three, for compilers that can compute several reductions of one input
+    in one pass (XLA on GPUs).
 
     Pass 1 takes, side by side, ``min(x)``, ``max(x)`` (for the prescale) and the sums of
     ``x`` and of ``x * 2**-E`` (E half the dtype's largest exponent, so that sum cannot
