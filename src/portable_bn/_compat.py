@@ -15,6 +15,7 @@ from array_api_compat import (
     array_namespace,
     device,
     is_array_api_obj,
+    is_cupy_array,
     is_cupy_namespace,
     is_dask_array,
     is_jax_namespace,
@@ -57,9 +58,10 @@ def describe_namespace(xp: ModuleType) -> str:
 
 
 _namespace_by_type: dict[type, ModuleType] = {_ndarray: _numpy_namespace}
-"""Types whose namespace depends on the type alone (NumPy, torch tensors), so a
-small call skips array_namespace's checks (about 6 us per argument)."""
+"""Types whose namespace depends on the type alone (NumPy, torch tensors, CuPy
+arrays), so a call skips array_namespace's checks (about 6 us per argument)."""
 _torch_types: set[type] = set()
+_cupy_types: set[type] = set()  # for device checks without array-api-compat's device() (H200: 10 us a call)
 
 
 def namespace_of(value: Any, name: str) -> ModuleType:
@@ -76,6 +78,9 @@ def namespace_of(value: Any, name: str) -> ModuleType:
     if is_torch_array(value):
         _namespace_by_type[type(value)] = namespace
         _torch_types.add(type(value))
+    elif is_cupy_array(value):
+        _namespace_by_type[type(value)] = namespace
+        _cupy_types.add(type(value))
     return namespace
 
 
@@ -109,6 +114,8 @@ def devices_differ(a: Any, b: Any) -> bool:
         return False
     if type(a) in _torch_types and type(b) in _torch_types:  # skips array-api-compat's device()
         return bool(a.device != b.device)
+    if type(a) in _cupy_types and type(b) in _cupy_types:  # CuPy: the GPU's number
+        return bool(a.device.id != b.device.id)
     dev_a, dev_b = device(a), device(b)
     if dev_a is None or dev_b is None:
         return False
@@ -117,13 +124,15 @@ def devices_differ(a: Any, b: Any) -> bool:
 
 def same_eager_place(x: Any, value: Any) -> bool:
     """True when ``value`` is known, cheaply, to be an array of ``x``'s type on its
-    device: both NumPy arrays, or both torch tensors of one type on one device. False
-    means "not known", and the caller runs the full checks."""
+    device: both NumPy arrays, or both torch tensors (CuPy arrays) of one type on one
+    device. False means "not known", and the caller runs the full checks."""
     kind = type(x)
     if type(value) is not kind:
         return False
     if kind is _ndarray:
         return True
+    if kind in _cupy_types:
+        return bool(value.device.id == x.device.id)
     # torch: two CPU tensors share the one CPU device (is_cpu is cheaper than building devices)
     return kind in _torch_types and ((value.is_cpu and x.is_cpu) or bool(value.device == x.device))
 
