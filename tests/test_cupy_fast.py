@@ -14,7 +14,7 @@ import pytest
 
 import portable_bn as pbn
 from conftest import both_paths, require_backend
-from portable_bn._reference import reference_batch_norm
+from portable_bn._reference import reference_backward, reference_batch_norm
 from portable_bn._tolerance import max_error, tolerance
 
 
@@ -32,7 +32,7 @@ def spy(cp, monkeypatch):
     from portable_bn import _cupy_fast
 
     called: list[str] = []
-    for name in ("train_forward", "eval_forward"):
+    for name in ("train_forward", "eval_forward", "backward"):
         original = getattr(_cupy_fast, name)
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
@@ -92,8 +92,60 @@ def test_fast_path_equals_agnostic_path(cp, spy, dtype, training, shape_axis, af
         pytest.skip("eval needs running statistics")
     x_host = 3.0 + 2.0 * np.random.default_rng(2).normal(size=shape)
     _check(cp, x_host, dtype, training=training, axis=axis, affine=affine, running=running)
-    takes_fast_path = not training or dtype == "float32"  # float64 training keeps the agnostic code
-    assert spy == ([("train_forward" if training else "eval_forward")] if takes_fast_path else [])
+    assert spy == ["train_forward" if training else "eval_forward"]
+
+
+@pytest.fixture(params=[False, True], ids=["index32", "index64"])
+def wide(request, cp, monkeypatch):
+    """Also run the kernels with 64-bit indices (taken for 2**31 elements or more)."""
+    from portable_bn import _cupy_fast
+
+    if request.param:
+        monkeypatch.setattr(_cupy_fast, "_WIDE_FROM", 0)
+    _cupy_fast._plan.cache_clear()
+    yield request.param
+    _cupy_fast._plan.cache_clear()  # before monkeypatch restores the threshold
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "shape_axis", [((5000, 3), 1), ((16, 2, 64, 64), 1), ((2, 3, 70000), 1), ((4, 9, 9, 40), -1), ((3, 700), 0)]
+)
+def test_many_blocks_per_channel(cp, spy, wide, dtype, training, shape_axis):
+    """Channels split over many reduction blocks, rows longer and shorter than a block."""
+    shape, axis = shape_axis
+    x_host = -2.0 + 0.5 * np.random.default_rng(6).normal(size=shape)
+    _check(cp, x_host, dtype, training=training, axis=axis)
+    assert spy == ["train_forward" if training else "eval_forward"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape_axis", [((16, 3), 1), ((5, 4, 6, 3), 1), ((5, 6, 3, 4), -1), ((16, 2, 64, 64), 1)])
+def test_backward_equals_agnostic_and_reference(cp, spy, wide, dtype, training, affine, shape_axis):
+    shape, axis = shape_axis
+    rng = np.random.default_rng(8)
+    x_host = 5.0 + 3.0 * rng.normal(size=shape)
+    grad_host = rng.normal(size=shape)
+    channels = shape[axis]
+    weight_host = rng.uniform(0.5, 2, channels) if affine else None
+    x, grad = cp.asarray(x_host, dtype=dtype), cp.asarray(grad_host, dtype=dtype)
+    weight = None if weight_host is None else cp.asarray(weight_host, dtype=dtype)
+    forward = pbn.batch_norm(x, weight=weight, training=True, axis=axis)
+    spy.clear()
+    fast, agnostic = both_paths(
+        pbn.batch_norm_backward, grad, x, weight, forward.mean, forward.invstd, training=training, axis=axis
+    )
+    assert spy == ["backward"]
+    host = [cp.asnumpy(a).astype(np.float64) for a in (grad, x, forward.mean, forward.invstd)]
+    wh = None if weight is None else cp.asnumpy(weight).astype(np.float64)
+    truth = reference_backward(host[0], host[1], wh, host[2], host[3], training=training, axis=axis)
+    for name, got, other, want in zip(("grad_input", "grad_weight", "grad_bias"), fast, agnostic, truth, strict=True):
+        assert got.dtype == other.dtype == x.dtype and got.shape == other.shape, name
+        assert max_error(cp.asnumpy(got), want) <= tolerance(dtype), name
+        assert max_error(cp.asnumpy(got), cp.asnumpy(other)) <= tolerance(dtype), name
 
 
 @pytest.mark.parametrize(
@@ -110,16 +162,45 @@ def test_hard_data_in_training(cp, spy, offset, spread):
     assert bool(cp.isfinite(fast.output).all())
 
 
-def test_constant_nan_and_inf_channels(cp, spy):
-    """A constant channel gives exactly the bias (also of huge values); NaN and Inf
-    make their own channel NaN and leave the others exact."""
+@pytest.mark.parametrize(
+    ("offset", "spread"), [(1e12, 1.0), (1e150, 1e149), (0.0, 1e150), (1.0, 1e-10), (1e-200, 1e-210), (0.0, 1e-300)]
+)
+def test_hard_float64_data_in_training(cp, spy, offset, spread):
+    """Offsets, squares near float64's range, tiny values: the reference's answer."""
+    x_host = offset + spread * np.random.default_rng(3).normal(size=(8, 3, 4, 4))
+    _check(cp, x_host, "float64", training=True)
+    assert spy == ["train_forward"]
+
+
+@pytest.mark.parametrize(("offset", "spread"), [(0.0, 1e200), (1e300, 1e299), (-1e307, 1e306), (1.7e308, 1e292)])
+def test_float64_data_beyond_the_squares_range(cp, spy, offset, spread):
+    """Squares (and the reference's sums) overflow float64: the agnostic path's answer,
+    which test_numerics checks against the exact values."""
+    x_host = np.clip(offset + spread * np.random.default_rng(3).normal(size=(8, 3, 4, 4)), -1.79e308, 1.79e308)
+    x = cp.asarray(x_host)
+    running = cp.zeros(3), cp.ones(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fast, agnostic = both_paths(pbn.batch_norm, x, *running, training=True)
+    assert spy == ["train_forward"]
+    assert bool(cp.isfinite(fast.output).all())
+    for name in ("output", "mean", "invstd"):
+        assert max_error(cp.asnumpy(getattr(fast, name)), cp.asnumpy(getattr(agnostic, name))) <= tolerance(
+            "float64"
+        ), name
+
+
+@pytest.mark.parametrize(("dtype", "huge"), [("float32", 3e38), ("float64", 1.7e308)])
+def test_constant_nan_and_inf_channels(cp, spy, dtype, huge):
+    """A constant channel gives exactly the bias (also of huge values) and invstd
+    1 / sqrt(eps); NaN and Inf make their own channel NaN and leave the others exact."""
     x_host = np.random.default_rng(4).normal(size=(6, 5, 7))
     x_host[:, 1] = 123.4375
-    x_host[:, 2] = 3e38
+    x_host[:, 2] = huge
     x_host[2, 3, 4] = np.nan
     x_host[1, 4, 0] = np.inf
-    x = cp.asarray(x_host, dtype=cp.float32)
-    bias = cp.asarray(np.arange(5.0), dtype=cp.float32)
+    x = cp.asarray(x_host, dtype=dtype)
+    bias = cp.asarray(np.arange(5.0), dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = pbn.batch_norm(x, bias=bias, training=True)
@@ -128,9 +209,28 @@ def test_constant_nan_and_inf_channels(cp, spy):
     np.testing.assert_array_equal(out[:, 1], 1.0)
     np.testing.assert_array_equal(out[:, 2], 2.0)
     assert np.isnan(out[:, 3]).all() and np.isnan(out[:, 4]).all()
-    expected = reference_batch_norm(x_host[:, :1].astype(np.float32).astype(np.float64), training=True)
-    assert max_error(out[:, :1], expected["output"]) <= tolerance("float32")
-    np.testing.assert_allclose(cp.asnumpy(result.invstd)[1], 1 / np.sqrt(1e-5), rtol=tolerance("float32"))
+    expected = reference_batch_norm(x_host[:, :1].astype(dtype).astype(np.float64), training=True)
+    assert max_error(out[:, :1], expected["output"]) <= tolerance(dtype)
+    np.testing.assert_allclose(cp.asnumpy(result.invstd)[1:3], 1 / np.sqrt(1e-5), rtol=tolerance(dtype))
+    np.testing.assert_array_equal(cp.asnumpy(result.mean)[1:3], x_host[0, 1:3, 0].astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_skip_nonfinite_running_update(cp, spy, dtype):
+    """Channels with NaN/Inf keep their running statistics; the others update as the
+    agnostic path does."""
+    x_host = np.random.default_rng(9).normal(size=(6, 4, 5))
+    x_host[1, 2, 3] = np.nan
+    x_host[0, 3, 0] = -np.inf
+    x = cp.asarray(x_host, dtype=dtype)
+    running = cp.asarray([0.5, -0.5, 1.0, 2.0], dtype=dtype), cp.asarray([1.0, 2.0, 3.0, 4.0], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fast, agnostic = both_paths(pbn.batch_norm, x, *running, training=True, skip_nonfinite=True)
+    assert spy == ["train_forward"]
+    for got, other, old in zip(fast[1:3], agnostic[1:3], running, strict=True):
+        np.testing.assert_array_equal(cp.asnumpy(got)[2:], cp.asnumpy(old)[2:])
+        assert max_error(cp.asnumpy(got), cp.asnumpy(other)) <= tolerance(dtype)
 
 
 def test_non_contiguous_and_module(cp, spy):

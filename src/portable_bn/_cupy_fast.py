@@ -1,155 +1,530 @@
-"""CuPy fast path: the forward in a handful of fused CUDA kernels.
+"""CuPy fast path: training, eval and backward in three or four CUDA kernels.
 
 Why it exists: CuPy runs the agnostic code one operation per kernel, and each
-launch costs 10 to 30 us of Python and driver time; the prescaled training
-forward is several dozen of them (H100: 0.7 to 1.3 ms a call, 5 to 30 x
-PyTorch's cuDNN on the same data; docs/performance). Here:
+call costs 10 to 30 us of Python and driver time; the prescaled training
+forward is several dozen of them (H100: 0.7 to 1.4 ms a call, 5 to 30 x
+PyTorch's cuDNN on the same data; docs/performance). Here, for float32 and
+float64 input of any shape and channel axis (viewed as ``(N, C, L)``; a
+non-contiguous input is first copied to C order):
 
-- eval: one kernel for the per-channel ``invstd`` and scale (the agnostic
-  roundings: ``1 / sqrt(var + eps)`` and ``invstd * weight`` in the compute
-  dtype) and one for ``y = (x - mean) * scale + bias``;
-- training, float32 input: three reductions of ``x`` accumulated in float64
-  (``sum(x)``, then ``sum(x - m)`` and ``sum((x - m)**2)`` around the float64
-  mean ``m``: the corrected two-pass algorithm, in a precision where float32
-  data can neither overflow, even squared, nor lose the offset), one kernel
-  for every per-channel quantity, and the output kernel
-  ``y = (x * p - m * p) * scale + shift``: ``p`` a power of two that keeps
-  every term in float32's range (data up to its largest value), ``shift``
-  carrying the part of the float64 mean that ``m * p`` rounded to float32
-  leaves out, so a large offset never re-enters the output (docs/accuracy).
-  The statistics are rounded to float32 from float64 (``invstd`` too: it may
-  differ from the agnostic code's by a rounding).
+- training: two reading passes, each kernel block reducing one slice of one
+  channel into float64 partial sums (no atomics: the same input always gives
+  the same bits). Pass 1: the channel's minimum, maximum and sum; pass 2: the
+  corrected two-pass sums ``sum(d)`` and ``sum(d**2)`` with
+  ``d = x * p - m0 * p`` around ``m0 = sum / n`` (the exact value for a
+  constant channel), ``p`` the power of two of
+  :func:`._agnostic.power_of_two_scale` (at most ``2**-126`` in float32,
+  ``2**-1022`` in float64) from the channel's largest magnitude. Then one
+  thread per channel turns the sums into the statistics (``_agnostic``'s
+  formulas, in float64: ``mean = m0 + mean(d)``, ``var = mean(d**2) -
+  mean(d)**2``, ``eps * p**2`` kept normal), the running update (PyTorch's
+  rule with ``_agnostic.updated_running_stats``'s roundings in the input's
+  dtype, ``skip_nonfinite`` included) and the output's per-channel
+  ``p, m0 * p, scale, shift``; the last kernel writes
+  ``y = (x * p - m0 * p) * scale + shift``, the part of the float64 mean that
+  ``m0 * p`` rounded to the dtype leaves out travelling in ``shift``
+  (docs/accuracy). A float64 sum of float32 data can neither overflow nor
+  lose the offset; in float64 the sum of pass 1 is of ``x * 2**-64`` (it
+  cannot overflow) and the squares are of scaled values.
+- eval: one thread per channel (``invstd = 1 / sqrt(running_var + eps)`` and
+  ``invstd * weight`` in the dtype, as ``_agnostic``), then the same output
+  kernel with ``p = 1``.
+- backward: float64 partial sums of ``g`` and ``g * xhat`` per block, one
+  thread per channel for the gradients of the parameters, and one kernel for
+  ``grad_input = (g - sum(g)/n - (x - mean) * invstd * sum(g*xhat)/n) * w * invstd``.
 
-Float64 training input keeps the agnostic code (its squares can overflow
-float64, which the prescaling handles). The running-statistics update is the
-agnostic function, on per-channel vectors. Any channel axis and any memory
-layout: the kernels broadcast per-channel vectors and reduce over the
-recipe's axes. ``tests/test_cupy_fast.py`` checks this path against the
-agnostic one and the float64 reference, on ordinary and hard data, on a GPU.
+The kernels are compiled without fused multiply-adds and without flushing
+subnormal numbers (``--fmad=false --ftz=false``), so each operation rounds as
+the agnostic code's does. ``tests/test_cupy_fast.py`` checks every path
+against the agnostic one and the float64 reference, on ordinary and hard
+data, on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from typing import Any, NamedTuple
 
 import cupy as cp
+import numpy as np
 
-from . import _agnostic
 from ._recipe import Recipe
 
-_TRAIN_DTYPES = (cp.dtype(cp.float32),)
-_EVAL_DTYPES = (cp.dtype(cp.float32), cp.dtype(cp.float64))
+_THREADS = 256  # a power of two: the block reductions halve it
+_DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_SCALE_CAP = {np.dtype(np.float32): 126, np.dtype(np.float64): 1022}  # power_of_two_scale's cap
+_SUM_SCALE = {np.dtype(np.float32): 1.0, np.dtype(np.float64): 2.0**-64}  # pass 1 sums x * this
 
-_sum = cp.ReductionKernel("T x", "float64 total", "(double)x", "a + b", "total = a", "0", "pbn_sum")
-_centered_sum = cp.ReductionKernel(
-    "T x, float64 m", "float64 total", "(double)x - m", "a + b", "total = a", "0", "pbn_centered_sum"
+_SOURCE = r"""
+#define PBN_THREADS 256
+
+__device__ double pbn_inf() { return __longlong_as_double(0x7ff0000000000000LL); }
+
+struct PbnAdd { __device__ double operator()(double a, double b) const { return a + b; } };
+struct PbnMin { __device__ double operator()(double a, double b) const { return fmin(a, b); } };
+struct PbnMax { __device__ double operator()(double a, double b) const { return fmax(a, b); } };
+
+// Tree reduction over the block (blockDim.x == PBN_THREADS); every thread gets the result.
+template <typename Op>
+__device__ double pbn_block_reduce(double value, Op op, double* shared) {
+    shared[threadIdx.x] = value;
+    __syncthreads();
+    for (unsigned int stride = PBN_THREADS / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) shared[threadIdx.x] = op(shared[threadIdx.x], shared[threadIdx.x + stride]);
+        __syncthreads();
+    }
+    const double result = shared[0];
+    __syncthreads();
+    return result;
+}
+
+// Block (c, b) of a channel loop: elements [b * chunk, (b + 1) * chunk) of channel c's
+// N * L values in an (N, C, L) array, thread by thread; off is the element's offset.
+#define PBN_CHANNEL_LOOP(...)                                                    \
+    const I c = blockIdx.x / blocks, b = blockIdx.x - c * blocks;              \
+    const I begin = b * chunk;                                                 \
+    const I end = begin + chunk < count ? begin + chunk : count;               \
+    I j = begin + threadIdx.x;                                                 \
+    if (j < end) {                                                             \
+        I n = j / L, l = j - n * L;                                            \
+        I off = n * CL + c * L + l;                                            \
+        const I jump = step_n * CL + step_l;                                   \
+        for (; j < end; j += PBN_THREADS) {                                    \
+            __VA_ARGS__                                                        \
+            off += jump;                                                       \
+            l += step_l;                                                       \
+            if (l >= L) { l -= L; off += CL - L; }                             \
+        }                                                                      \
+    }
+
+// Pass 1: per block, sum(x * sum_scale), min(x), max(x) -> part1[block] (3 doubles).
+template <typename T, typename I>
+__global__ void pbn_stats1(const T* __restrict__ x, I count, I CL, I L, I blocks, I chunk, I step_n,
+                           I step_l, double sum_scale, double* __restrict__ part1) {
+    __shared__ double shared[PBN_THREADS];
+    double total = 0.0, low = pbn_inf(), high = -pbn_inf();
+    PBN_CHANNEL_LOOP(
+        const double v = (double)x[off];
+        total += v * sum_scale;
+        low = fmin(low, v);
+        high = fmax(high, v);
+    )
+    total = pbn_block_reduce(total, PbnAdd(), shared);
+    low = pbn_block_reduce(low, PbnMin(), shared);
+    high = pbn_block_reduce(high, PbnMax(), shared);
+    if (threadIdx.x == 0) {
+        double* out = part1 + 3 * (unsigned long long)blockIdx.x;
+        out[0] = total;
+        out[1] = low;
+        out[2] = high;
+    }
+}
+
+// Pass 2: the channel's m0 and p from pass 1 (every block of the channel reduces the
+// same partials in the same order), then per block sum(d) and sum(d * d) with
+// d = x * p - m0 * p -> part2[block]; block 0 stores (m0 * p, p) in channel[c].
+// work: part1 (3 per block), part2 (2 per block), channel (2 per channel).
+template <typename T, typename I>
+__global__ void pbn_stats2(const T* __restrict__ x, I count, I CL, I L, I blocks, I chunk, I step_n,
+                           I step_l, double unscale, int cap, double* __restrict__ work, I reductions) {
+    __shared__ double shared[PBN_THREADS];
+    const double* part1 = work;
+    double* part2 = work + 3 * (unsigned long long)reductions;
+    double* channel = work + 5 * (unsigned long long)reductions;
+    double m0p, p = 1.0;
+    {
+        const I channel_index = blockIdx.x / blocks;
+        double total = 0.0, low = pbn_inf(), high = -pbn_inf();
+        for (I k = threadIdx.x; k < blocks; k += PBN_THREADS) {
+            const double* in = part1 + 3 * (unsigned long long)(channel_index * blocks + k);
+            total += in[0];
+            low = fmin(low, in[1]);
+            high = fmax(high, in[2]);
+        }
+        total = pbn_block_reduce(total, PbnAdd(), shared);  // every thread gets the channel's values
+        low = pbn_block_reduce(low, PbnMin(), shared);
+        high = pbn_block_reduce(high, PbnMax(), shared);
+        const double largest = fmax(-low, high);
+        if (largest > 1.0 && isfinite(largest)) p = ldexp(1.0, -min(ilogb(largest), cap));
+        m0p = low == high ? low * p : total / (double)count * (unscale * p);  // no overflow
+        if (blockIdx.x == channel_index * blocks && threadIdx.x == 0) {
+            channel[2 * (unsigned long long)channel_index] = m0p;
+            channel[2 * (unsigned long long)channel_index + 1] = p;
+        }
+    }
+    double centered = 0.0, squares = 0.0;
+    PBN_CHANNEL_LOOP(
+        const double d = (double)x[off] * p - m0p;
+        centered += d;
+        squares += d * d;
+    )
+    centered = pbn_block_reduce(centered, PbnAdd(), shared);
+    squares = pbn_block_reduce(squares, PbnAdd(), shared);
+    if (threadIdx.x == 0) {
+        part2[2 * (unsigned long long)blockIdx.x] = centered;
+        part2[2 * (unsigned long long)blockIdx.x + 1] = squares;
+    }
+}
+
+// One thread per channel: statistics, running update and the output's vectors.
+// out rows (C each): mean, invstd, new running mean, new running var, p, m0 * p, scale, shift.
+template <typename T, typename I>
+__global__ void pbn_train_vectors(I C, I blocks, double count, double eps, double smallest_normal,
+                                  double bessel, const double* __restrict__ work, I reductions,
+                                  const T* weight, const T* bias,
+                                  int has_weight, int has_bias, const T* running_mean, const T* running_var,
+                                  int has_running, double factor, const T* factor_array, int factor_is_array,
+                                  int skip_nonfinite, T* out) {
+    const I c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const double* part2 = work + 3 * (unsigned long long)reductions;
+    const double* channel = work + 5 * (unsigned long long)reductions;
+    double centered = 0.0, squares = 0.0;
+    for (I k = 0; k < blocks; ++k) {
+        centered += part2[2 * (unsigned long long)(c * blocks + k)];
+        squares += part2[2 * (unsigned long long)(c * blocks + k) + 1];
+    }
+    const double m0p = channel[2 * (unsigned long long)c], p = channel[2 * (unsigned long long)c + 1];
+    const double residual = centered / count;
+    const double var_scaled = squares / count - residual * residual;
+    const double invstd_scaled = 1.0 / sqrt(var_scaled + fmax(eps * p * p, smallest_normal));
+    const T mean = (T)((m0p + residual) / p);
+    const double var = var_scaled / p / p;  // Inf where the true variance is beyond float64
+    const T batch_var = (T)var;
+    const double scale = has_weight ? invstd_scaled * (double)weight[c] : invstd_scaled;
+    const T mp = (T)m0p;
+    // The invstd returned: unscaled in float64 where the variance fits (always for float32
+    // input; a constant channel of huge values gets 1 / sqrt(eps), not the floor's value).
+    out[c] = mean;
+    out[C + c] = (T)(isfinite(var) ? 1.0 / sqrt(var + eps) : invstd_scaled * p);
+    out[4 * C + c] = (T)p;
+    out[5 * C + c] = mp;
+    out[6 * C + c] = (T)scale;
+    out[7 * C + c] = (T)((has_bias ? (double)bias[c] : 0.0) - ((m0p - (double)mp) + residual) * scale);
+    if (has_running) {
+        const T f = factor_is_array ? factor_array[0] : (T)factor;
+        const T keep = factor_is_array ? (T)1 - f : (T)(1.0 - factor);
+        const T unbiased = batch_var * (T)bessel;
+        T new_mean = keep * running_mean[c] + f * mean;
+        T new_var = keep * running_var[c] + f * unbiased;
+        if (skip_nonfinite && !(isfinite(mean) && isfinite(unbiased))) {
+            new_mean = running_mean[c];
+            new_var = running_var[c];
+        }
+        out[2 * C + c] = new_mean;
+        out[3 * C + c] = new_var;
+    }
+}
+
+// One thread per channel, eval. out rows: invstd, p (1), m0 * p (the running mean), scale, shift.
+template <typename T, typename I>
+__global__ void pbn_eval_vectors(I C, double eps, const T* running_mean, const T* running_var, const T* weight,
+                                 const T* bias, int has_weight, int has_bias, T* out) {
+    const I c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const T invstd = (T)1 / sqrt(running_var[c] + (T)eps);
+    out[c] = invstd;
+    out[C + c] = (T)1;
+    out[2 * C + c] = running_mean[c];
+    out[3 * C + c] = has_weight ? invstd * weight[c] : invstd;
+    out[4 * C + c] = has_bias ? bias[c] : (T)0;
+}
+
+// y = (x * p - mp) * scale + shift; vectors rows from row: p, mp, scale, shift.
+template <typename T, typename I>
+__global__ void pbn_apply(const T* __restrict__ x, T* __restrict__ y, I size, I C, I L,
+                          const T* __restrict__ vectors, I row) {
+    const T* p = vectors + row * C;
+    const T* mp = p + C;
+    const T* scale = p + 2 * C;
+    const T* shift = p + 3 * C;
+    for (I i = (I)blockIdx.x * PBN_THREADS + threadIdx.x; i < size; i += (I)PBN_THREADS * gridDim.x) {
+        const I c = (i / L) % C;
+        y[i] = (x[i] * p[c] - mp[c]) * scale[c] + shift[c];
+    }
+}
+
+// Backward pass: per block sum(g) and sum(g * xhat), xhat = (x - mean) * invstd -> part[block].
+template <typename T, typename I>
+__global__ void pbn_grad_sums(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ mean,
+                              const T* __restrict__ invstd, I count, I CL, I L, I blocks, I chunk, I step_n,
+                              I step_l, double* __restrict__ part) {
+    __shared__ double shared[PBN_THREADS];
+    double grad_sum = 0.0, grad_xhat = 0.0;
+    {
+        const I channel_index = blockIdx.x / blocks;
+        const double m = (double)mean[channel_index], s = (double)invstd[channel_index];
+        PBN_CHANNEL_LOOP(
+            const double g = (double)grad[off];
+            grad_sum += g;
+            grad_xhat += g * (((double)x[off] - m) * s);
+        )
+    }
+    grad_sum = pbn_block_reduce(grad_sum, PbnAdd(), shared);
+    grad_xhat = pbn_block_reduce(grad_xhat, PbnAdd(), shared);
+    if (threadIdx.x == 0) {
+        part[2 * (unsigned long long)blockIdx.x] = grad_sum;
+        part[2 * (unsigned long long)blockIdx.x + 1] = grad_xhat;
+    }
+}
+
+// One thread per channel. out rows: grad_weight, grad_bias, mean, k_bias, k_weight, scale with
+// grad_input = (g - k_bias - (x - mean) * k_weight) * scale.
+template <typename T, typename I>
+__global__ void pbn_grad_vectors(I C, I blocks, double count, int training, const double* __restrict__ part,
+                                 const T* mean, const T* invstd, const T* weight, int has_weight, T* out) {
+    const I c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double grad_bias = 0.0, grad_weight = 0.0;
+    for (I k = 0; k < blocks; ++k) {
+        grad_bias += part[2 * (unsigned long long)(c * blocks + k)];
+        grad_weight += part[2 * (unsigned long long)(c * blocks + k) + 1];
+    }
+    out[c] = (T)grad_weight;
+    out[C + c] = (T)grad_bias;
+    out[2 * C + c] = mean[c];
+    out[3 * C + c] = training ? (T)(grad_bias / count) : (T)0;
+    out[4 * C + c] = training ? (T)((double)invstd[c] * grad_weight / count) : (T)0;
+    out[5 * C + c] = has_weight ? invstd[c] * weight[c] : invstd[c];
+}
+
+// grad_input; vectors rows from row: mean, k_bias, k_weight, scale.
+template <typename T, typename I>
+__global__ void pbn_grad_apply(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ grad_input,
+                               I size, I C, I L, int training, const T* __restrict__ vectors, I row) {
+    const T* mean = vectors + row * C;
+    const T* k_bias = mean + C;
+    const T* k_weight = mean + 2 * C;
+    const T* scale = mean + 3 * C;
+    for (I i = (I)blockIdx.x * PBN_THREADS + threadIdx.x; i < size; i += (I)PBN_THREADS * gridDim.x) {
+        const I c = (i / L) % C;
+        grad_input[i] = training ? (grad[i] - k_bias[c] - (x[i] - mean[c]) * k_weight[c]) * scale[c]
+                                 : grad[i] * scale[c];
+    }
+}
+"""
+
+_KERNELS = (
+    "stats1",
+    "stats2",
+    "train_vectors",
+    "eval_vectors",
+    "apply",
+    "grad_sums",
+    "grad_vectors",
+    "grad_apply",
 )
-_centered_squares = cp.ReductionKernel(
-    "T x, float64 m",
-    "float64 total",
-    "((double)x - m) * ((double)x - m)",
-    "a + b",
-    "total = a",
-    "0",
-    "pbn_centered_squares",
-)
-_normalize = cp.ElementwiseKernel("T x, T m, T s, T b", "T y", "y = (x - m) * s + b", "pbn_normalize")
-_eval_vectors = cp.ElementwiseKernel(
-    "T var, T w, float64 eps",
-    "T invstd, T s",
-    "invstd = (T)1 / sqrt(var + (T)eps); s = invstd * w",
-    "pbn_eval_vectors",
-)
-# From the float64 sums: the statistics (mean, biased variance, invstd) rounded to T,
-# and for the output kernel a power of two p with p * max(|mean|, std) in [1, 2) (1 for
-# channels within [-1, 1]; at least 2**-126, a normal float32: CuPy's kernels flush
-# subnormal numbers to zero), so that x * p - m * p cannot overflow and the scale
-# invstd * weight / p stays in T's normal range; the shift carries the float64 mean's
-# part that m * p, rounded to T, leaves out. A constant channel (no spread) gets scale
-# 0: its output is exactly the bias.
-_train_vectors = cp.ElementwiseKernel(
-    "float64 total, float64 centered, float64 squares, float64 count, T w, T b, float64 eps",
-    "T mean, T batch_var, T invstd, T p, T mp, T s, T shift",
-    """
-    double m64 = total / count;
-    double residual = centered / count;
-    double var64 = squares / count - residual * residual;
-    double invstd64 = 1.0 / sqrt(var64 + eps);
-    mean = (T)(m64 + residual);
-    batch_var = (T)var64;
-    invstd = (T)invstd64;
-    double big = fmax(fabs(m64), sqrt(var64));
-    double p64 = (big > 1.0 && isfinite(big)) ? ldexp(1.0, -min(ilogb(big), 126)) : 1.0;
-    p = (T)p64;
-    mp = (T)(m64 * p64);
-    double s64 = squares == 0.0 ? 0.0 : invstd64 * (double)w / p64;
-    s = (T)s64;
-    shift = (T)((double)b - ((m64 * p64 - (double)mp) + residual * p64) * s64);
-    """,
-    "pbn_train_vectors",
-)
-_train_output = cp.ElementwiseKernel("T x, T p, T mp, T s, T b", "T y", "y = (x * p - mp) * s + b", "pbn_train_output")
+_WIDE_FROM = 2**31  # inputs of this many elements or more index with long long (tests lower it)
 
 
-def eligible(x: Any, *, training: bool) -> bool:
-    """A CuPy array of a dtype this path handles (the vectors were validated to be CuPy
-    arrays on x's device by the public entry)."""
-    return isinstance(x, cp.ndarray) and x.dtype in (_TRAIN_DTYPES if training else _EVAL_DTYPES)
+@functools.cache
+def _kernels(dtype: np.dtype, wide: bool) -> dict[str, Any]:
+    """The kernels for ``dtype`` and an index type (``long long`` if ``wide``, else
+    ``unsigned int``), compiled on first use (CuPy caches the binary on disk)."""
+    index = "long long" if wide else "unsigned int"
+    names = {name: f"pbn_{name}<{_DTYPES[dtype]}, {index}>" for name in _KERNELS}
+    module = cp.RawModule(
+        code=_SOURCE, options=("--std=c++14", "--fmad=false", "--ftz=false"), name_expressions=list(names.values())
+    )
+    return {name: module.get_function(expression) for name, expression in names.items()}
 
 
-def _vector(value: Any, dtype: Any, fill: float, channels: int) -> Any:
-    """A per-channel vector in ``dtype`` (``fill`` where None)."""
-    if value is None:
-        return cp.full((channels,), fill, dtype=dtype)
-    return value if value.dtype == dtype else value.astype(dtype)
+@functools.cache
+def _multiprocessors(device_id: int) -> int:
+    return int(cp.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+class _Plan(NamedTuple):
+    """Launch geometry and kernel scalars for one shape, channel axis and GPU, computed
+    once (a kernel launch costs about 1 us per argument it converts)."""
+
+    wide: bool  # 64-bit indices
+    channels: Any  # C, as the index type
+    inner: Any  # L: elements after the channel axis
+    size: Any
+    reductions: Any  # blocks per channel times C
+    loop: tuple[Any, ...]  # count, C * L, L, blocks, chunk, step_n, step_l (PBN_CHANNEL_LOOP)
+    per_channel: np.float64  # n
+    bessel: np.float64  # n / (n - 1)
+    reduce_grid: tuple[int]
+    apply_grid: tuple[int]
+    vector_grid: tuple[int]
+    workspace: int  # float64 values: 5 per reduction block, 2 per channel
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(shape: tuple[int, ...], channel_axis: int, multiprocessors: int) -> _Plan:
+    """About four reduction blocks per multiprocessor in all (at least 8 elements per
+    thread), one elementwise grid of at most 16 blocks per multiprocessor."""
+    channels = shape[channel_axis]
+    inner = math.prod(shape[channel_axis + 1 :])
+    count = math.prod(shape[:channel_axis]) * inner
+    size = count * channels
+    blocks = max(1, min(-(-4 * multiprocessors // channels), -(-count // (8 * _THREADS))))
+    chunk = -(-count // blocks)
+    blocks = -(-count // chunk)
+    step_n, step_l = divmod(_THREADS, inner)
+    # The loops' indices stay below size + one grid's stride: within the type.
+    wide = size + _THREADS * 16 * multiprocessors >= _WIDE_FROM
+    index = np.int64 if wide else np.uint32
+    return _Plan(
+        wide=wide,
+        channels=index(channels),
+        inner=index(inner),
+        size=index(size),
+        reductions=index(channels * blocks),
+        loop=tuple(index(value) for value in (count, channels * inner, inner, blocks, chunk, step_n, step_l)),
+        per_channel=np.float64(count),
+        bessel=np.float64(count / (count - 1) if count > 1 else math.inf),
+        reduce_grid=(channels * blocks,),
+        apply_grid=(max(1, min(-(-size // _THREADS), 16 * multiprocessors)),),
+        vector_grid=(-(-channels // 128),),
+        workspace=5 * channels * blocks + 2 * channels,
+    )
+
+
+def eligible(x: Any) -> bool:
+    """A non-empty float32 or float64 CuPy array (the other arrays were validated to be
+    CuPy arrays of x's dtype on x's device by the public entry)."""
+    return isinstance(x, cp.ndarray) and x.dtype in _DTYPES and x.size > 0
+
+
+def _setup(x: Any, recipe: Recipe) -> tuple[Any, _Plan, dict[str, Any]]:
+    """x in C order, the plan and the kernels."""
+    x = cp.ascontiguousarray(x)  # no copy for a C-ordered array
+    plan = _plan(tuple(x.shape), recipe.channel_axis, _multiprocessors(x.device.id))
+    return x, plan, _kernels(x.dtype, plan.wide)
+
+
+_BLOCK = (_THREADS,)
+_VECTOR_BLOCK = (128,)
+_YES, _NO = np.int32(1), np.int32(0)
+_ROW = {wide: [(np.int64 if wide else np.uint32)(row) for row in range(8)] for wide in (False, True)}
+_DTYPE_SCALARS = {  # sum_scale, 1 / sum_scale, scale cap, smallest normal (float64 scalars for the kernels)
+    dtype: (
+        np.float64(_SUM_SCALE[dtype]),
+        np.float64(1.0 / _SUM_SCALE[dtype]),
+        np.int32(_SCALE_CAP[dtype]),
+        np.float64(2.0 ** -_SCALE_CAP[dtype]),  # the smallest normal number
+    )
+    for dtype in _DTYPES
+}
+
+
+def train_forward(
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    factor: Any,
+    eps: float,
+    skip_nonfinite: bool,
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Output, new running mean and variance (or the given None), batch mean and invstd."""
+    x, plan, kernels = _setup(x, recipe)
+    sum_scale, unscale, cap, smallest_normal = _DTYPE_SCALARS[x.dtype]
+    work = cp.empty(plan.workspace, dtype=cp.float64)
+    kernels["stats1"](plan.reduce_grid, _BLOCK, (x, *plan.loop, sum_scale, work))
+    kernels["stats2"](plan.reduce_grid, _BLOCK, (x, *plan.loop, unscale, cap, work, plan.reductions))
+    vectors = cp.empty((8, int(plan.channels)), dtype=x.dtype)
+    factor_is_array = not isinstance(factor, float)
+    kernels["train_vectors"](
+        plan.vector_grid,
+        _VECTOR_BLOCK,
+        (
+            plan.channels,
+            plan.loop[3],  # blocks
+            plan.per_channel,
+            np.float64(eps),
+            smallest_normal,
+            plan.bessel,
+            work,
+            plan.reductions,
+            vectors if weight is None else weight,
+            vectors if bias is None else bias,
+            _NO if weight is None else _YES,
+            _NO if bias is None else _YES,
+            vectors if running_mean is None else running_mean,
+            vectors if running_var is None else running_var,
+            _NO if running_mean is None else _YES,
+            np.float64(0.0 if factor_is_array else factor),
+            factor if factor_is_array else vectors,
+            _YES if factor_is_array else _NO,
+            _YES if skip_nonfinite else _NO,
+            vectors,
+        ),
+    )
+    output = cp.empty_like(x)
+    kernels["apply"](
+        plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, vectors, _ROW[plan.wide][4])
+    )
+    if running_mean is not None:
+        running_mean, running_var = vectors[2], vectors[3]
+    return output, running_mean, running_var, vectors[0], vectors[1]
 
 
 def eval_forward(
     x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, recipe: Recipe, *, eps: float
-) -> tuple[_agnostic.Statistics, Any]:
-    """Eval statistics (as :func:`._agnostic.running_statistics` computes them) and output."""
-    dtype, channels = x.dtype, recipe.num_channels
-    mean = _vector(running_mean, dtype, 0.0, channels)
-    invstd, scale = _eval_vectors(
-        _vector(running_var, dtype, 1.0, channels), _vector(weight, dtype, 1.0, channels), eps
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Output, the running statistics (unchanged), mean (the running mean) and invstd."""
+    x, plan, kernels = _setup(x, recipe)
+    vectors = cp.empty((5, int(plan.channels)), dtype=x.dtype)
+    kernels["eval_vectors"](
+        plan.vector_grid,
+        _VECTOR_BLOCK,
+        (
+            plan.channels,
+            np.float64(eps),
+            running_mean,
+            running_var,
+            vectors if weight is None else weight,
+            vectors if bias is None else bias,
+            _NO if weight is None else _YES,
+            _NO if bias is None else _YES,
+            vectors,
+        ),
     )
-    shape = recipe.param_shape
-    output = _normalize(
-        x, mean.reshape(shape), scale.reshape(shape), _vector(bias, dtype, 0.0, channels).reshape(shape)
+    output = cp.empty_like(x)
+    kernels["apply"](
+        plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, vectors, _ROW[plan.wide][1])
     )
-    return _agnostic.Statistics(mean, invstd, None), output
+    return output, running_mean, running_var, running_mean, vectors[0]
 
 
-def _channel_sums(kernel: Any, x: Any, recipe: Recipe, *extra: Any) -> Any:
-    """Per-channel float64 sums by ``kernel`` in two stages: over the axes after the
-    channel axis (one output per (batch, channel): enough blocks to fill the GPU),
-    then a plain sum of those partial sums over the axes before it. In one stage
-    CuPy gave each channel one block: 1.6 ms per reduction of a (32, 64, 56, 56)
-    input on an H100, against 0.03 ms for a copy of it."""
-    channel_axis = recipe.channel_axis
-    inner = tuple(range(channel_axis + 1, x.ndim))
-    outer = tuple(range(channel_axis))
-    if not inner:
-        return kernel(x, *extra, axis=outer)
-    partial = kernel(x, *extra, axis=inner)
-    return partial.sum(axis=outer) if outer else partial
-
-
-def train_forward(x: Any, weight: Any, bias: Any, recipe: Recipe, *, eps: float) -> tuple[_agnostic.Statistics, Any]:
-    """Batch statistics (mean, invstd, biased variance in float32) and output."""
-    dtype, channels, shape = x.dtype, recipe.num_channels, recipe.param_shape
-    total = _channel_sums(_sum, x, recipe)
-    m64 = (total / recipe.count_per_channel).reshape(shape)
-    centered = _channel_sums(_centered_sum, x, recipe, m64)
-    squares = _channel_sums(_centered_squares, x, recipe, m64)
-    mean, batch_var, invstd, p, mp, scale, shift = _train_vectors(
-        total,
-        centered,
-        squares,
-        float(recipe.count_per_channel),
-        _vector(weight, dtype, 1.0, channels),
-        _vector(bias, dtype, 0.0, channels),
-        eps,
+def backward(
+    grad_output: Any, x: Any, weight: Any, mean: Any, invstd: Any, recipe: Recipe, *, training: bool
+) -> tuple[Any, Any, Any]:
+    """grad_input, grad_weight and grad_bias (sums accumulated in float64)."""
+    x, plan, kernels = _setup(x, recipe)
+    grad_output = cp.ascontiguousarray(grad_output)
+    work = cp.empty(2 * int(plan.reductions), dtype=cp.float64)
+    kernels["grad_sums"](plan.reduce_grid, _BLOCK, (grad_output, x, mean, invstd, *plan.loop, work))
+    vectors = cp.empty((6, int(plan.channels)), dtype=x.dtype)
+    training_flag = _YES if training else _NO
+    kernels["grad_vectors"](
+        plan.vector_grid,
+        _VECTOR_BLOCK,
+        (
+            plan.channels,
+            plan.loop[3],  # blocks
+            plan.per_channel,
+            training_flag,
+            work,
+            mean,
+            invstd,
+            vectors if weight is None else weight,
+            _NO if weight is None else _YES,
+            vectors,
+        ),
     )
-    output = _train_output(x, p.reshape(shape), mp.reshape(shape), scale.reshape(shape), shift.reshape(shape))
-    return _agnostic.Statistics(mean, invstd, batch_var), output
+    grad_input = cp.empty_like(x)
+    kernels["grad_apply"](
+        plan.apply_grid,
+        _BLOCK,
+        (grad_output, x, grad_input, plan.size, plan.channels, plan.inner, training_flag, vectors, _ROW[plan.wide][2]),
+    )
+    return grad_input, vectors[0], vectors[1]

@@ -14,8 +14,8 @@ from ._recipe import Recipe
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
 
 FAST_PATHS = True
-"""Use backend-specific fast paths (:mod:`._numpy_fast`, :mod:`._torch_fast`); the suite
-turns them off to compare."""
+"""Use backend-specific fast paths (:mod:`._numpy_fast`, :mod:`._torch_fast`,
+:mod:`._cupy_fast`, :mod:`._jax_fast`); the suite turns them off to compare."""
 
 
 class BatchNormResult(NamedTuple):
@@ -176,6 +176,25 @@ def forward(
         )
         if native is not None:
             return native
+    if FAST_PATHS and recipe.count_per_channel > 0 and is_cupy_namespace(xp):
+        _cupy_fast = _cupy_fast_module()
+        if _cupy_fast.eligible(x):
+            if training:
+                return BatchNormResult(
+                    *_cupy_fast.train_forward(
+                        x,
+                        running_mean,
+                        running_var,
+                        weight,
+                        bias,
+                        recipe,
+                        factor=factor,
+                        eps=eps,
+                        skip_nonfinite=skip_nonfinite,
+                    )
+                )
+            evaluated = _cupy_fast.eval_forward(x, running_mean, running_var, weight, bias, recipe, eps=eps)
+            return BatchNormResult(*evaluated)
     stats, output = _normalize(xp, x, running_mean, running_var, weight, bias, recipe, training=training, eps=eps)
     if training and running_mean is not None:
         running_mean, running_var = _agnostic.updated_running_stats(
@@ -189,6 +208,15 @@ def forward(
             skip_nonfinite=skip_nonfinite,
         )
     return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
+
+
+@functools.cache
+def _cupy_fast_module() -> ModuleType:
+    """:mod:`._cupy_fast`, imported on first use (it imports cupy: only reached with CuPy
+    arrays); cached like :func:`_torch_fast_module`."""
+    from . import _cupy_fast
+
+    return _cupy_fast
 
 
 @functools.cache
@@ -243,7 +271,7 @@ def _normalize(
     training: bool,
     eps: float,
 ) -> tuple[_agnostic.Statistics, Any]:
-    """Statistics and output: the NumPy or CuPy fast path where it applies, else the agnostic code."""
+    """Statistics and output: the NumPy fast path where it applies, else the agnostic code."""
     want_var = running_mean is not None
     if FAST_PATHS and recipe.count_per_channel > 0 and _numpy_fast.eligible(x, weight, bias, running_mean):
         if training:
@@ -253,13 +281,6 @@ def _normalize(
         else:
             stats = _agnostic.running_statistics(xp, running_mean, running_var, x.dtype, eps)
             return stats, _numpy_fast.eval_forward(x, stats.mean, stats.invstd, weight, bias, axis=recipe.channel_axis)
-    if FAST_PATHS and recipe.count_per_channel > 0 and is_cupy_namespace(xp):
-        from . import _cupy_fast  # imports cupy: only reached with CuPy arrays
-
-        if _cupy_fast.eligible(x, training=training):
-            if training:
-                return _cupy_fast.train_forward(x, weight, bias, recipe, eps=eps)
-            return _cupy_fast.eval_forward(x, running_mean, running_var, weight, bias, recipe, eps=eps)
     dtype = _agnostic.compute_dtype(xp, x.dtype)
     x_compute = xp.astype(x, dtype, copy=False)
     if training:
@@ -363,6 +384,10 @@ def batch_norm_backward(
         _torch_fast = _torch_fast_module()
         if _torch_fast.eligible(x, grad_output, weight, mean, invstd, channel_axis=recipe.channel_axis):
             return _torch_fast.train_backward(grad_output, x, weight, mean, invstd)
+    if FAST_PATHS and recipe.count_per_channel > 0 and is_cupy_namespace(xp):
+        _cupy_fast = _cupy_fast_module()
+        if _cupy_fast.eligible(x):
+            return _cupy_fast.backward(grad_output, x, weight, mean, invstd, recipe, training=training)
     sums = None
     if FAST_PATHS and recipe.count_per_channel > 0 and is_jax_namespace(xp):
         from . import _jax_fast  # imports jax: only reached with JAX arrays
