@@ -3,7 +3,9 @@
 Why it exists: CuPy runs the agnostic code one operation per kernel, and each
 call costs 10 to 30 us of Python and driver time; the prescaled training
 forward is several dozen of them (H100: 0.7 to 1.4 ms a call, 5 to 30 x
-PyTorch's cuDNN on the same data; docs/performance). Here, for float32 and
+PyTorch's cuDNN on the same data). These kernels take 0.08 to 0.11 ms per
+training call on ResNet-like shapes (H200: 0.65 to 2.4 x cuDNN; eval 0.6 to
+1.9 x; backward 0.3 to 0.7 x autograd; docs/performance). Here, for float32 and
 float64 input of any shape and channel axis (viewed as ``(N, C, L)``; a
 non-contiguous input is first copied to C order):
 
