@@ -195,6 +195,7 @@ def main() -> int:
         factor: Any = 0.1,
         skip: bool = False,
         truth: str = "reference",
+        strided_vectors: bool = False,
     ) -> None:
         channels = x_host.shape[axis]
         rng = np.random.default_rng(1)
@@ -206,6 +207,8 @@ def main() -> int:
         }
         x = _array(x_host.astype(dtype))
         vectors = {k: None if v is None else _array(v.astype(dtype)) for k, v in host.items()}
+        if strided_vectors:  # every other element of a longer vector: the kernels need dense copies
+            vectors = {k: None if v is None else _array(np.repeat(v, 2))[::2] for k, v in vectors.items()}
         recipe = make_recipe(tuple(x.shape), axis)
         momentum = 0.5 if not isinstance(factor, float) else factor
         arg = _array(np.asarray(momentum, dtype=dtype)) if not isinstance(factor, float) else factor
@@ -265,6 +268,8 @@ def main() -> int:
             backward(x_host, dtype, axis=axis)
             backward(x_host, dtype, axis=axis, training=False, affine=False)
         forward(rng.normal(size=(8, 3, 10, 6))[:, :, ::2, 1:], dtype)  # strided
+        forward(rng.normal(size=(8, 3, 10)), dtype, strided_vectors=True)
+        forward(rng.normal(size=(8, 3, 10)), dtype, training=False, strided_vectors=True)
         special = rng.normal(size=(6, 5, 7))
         special[:, 1], special[:, 2] = 123.4375, 3e38  # constant channels: output exactly bias
         special[2, 3, 4], special[1, 4, 0] = np.nan, np.inf

@@ -248,3 +248,27 @@ def test_non_contiguous_and_module(cp, spy):
         assert max_error(cp.asnumpy(out), expected) <= tolerance("float32")
     np.testing.assert_allclose(cp.asnumpy(module.running_var), reference.running_var, rtol=tolerance("float32"))
     assert spy.count("train_forward") == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_strided_and_broadcast_vectors(cp, spy, dtype):
+    """Per-channel vectors that are views (every other element, a broadcast scalar)
+    are read as the values they show, in training, eval and the backward."""
+    rng = np.random.default_rng(10)
+    x = cp.asarray(2.0 + rng.normal(size=(6, 4, 5)), dtype=dtype)
+    grad = cp.asarray(rng.normal(size=(6, 4, 5)), dtype=dtype)
+    weight = cp.asarray(rng.uniform(0.5, 2, 8), dtype=dtype)[::2]
+    bias = cp.broadcast_to(cp.asarray(0.5, dtype=dtype), (4,))
+    running_mean = cp.asarray(rng.normal(size=12), dtype=dtype)[1::3]
+    running_var = cp.asarray(rng.uniform(0.5, 2, 8), dtype=dtype)[::-2]
+    given = [cp.asnumpy(v) for v in (weight, running_mean, running_var)]
+    for training in (True, False):
+        fast, agnostic = both_paths(pbn.batch_norm, x, running_mean, running_var, weight, bias, training=training)
+        for got, other in zip(fast, agnostic, strict=True):
+            assert max_error(cp.asnumpy(got), cp.asnumpy(other)) <= tolerance(dtype)
+        fast, agnostic = both_paths(pbn.batch_norm_backward, grad, x, weight, fast.mean, fast.invstd, training=training)
+        for got, other in zip(fast, agnostic, strict=True):
+            assert max_error(cp.asnumpy(got), cp.asnumpy(other)) <= tolerance(dtype)
+    assert spy == ["train_forward", "backward", "eval_forward", "backward"]
+    for before, after in zip(given, (weight, running_mean, running_var), strict=True):
+        np.testing.assert_array_equal(cp.asnumpy(after), before)

@@ -399,6 +399,12 @@ def _setup(x: Any, recipe: Recipe) -> tuple[Any, _Plan, dict[str, Any]]:
     return x, plan, _kernels(x.dtype, plan.wide)
 
 
+def _dense(vector: Any) -> Any:
+    """A per-channel vector (or None) the kernels can index as ``v[c]``: a strided or
+    broadcast view is copied (no copy for a contiguous one)."""
+    return None if vector is None else cp.ascontiguousarray(vector)
+
+
 _BLOCK = (_THREADS,)
 _VECTOR_BLOCK = (128,)
 _YES, _NO = np.int32(1), np.int32(0)
@@ -428,12 +434,15 @@ def train_forward(
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Output, new running mean and variance (or the given None), batch mean and invstd."""
     x, plan, kernels = _setup(x, recipe)
+    running_mean, running_var, weight, bias = map(_dense, (running_mean, running_var, weight, bias))
+    factor_is_array = not isinstance(factor, float)
+    if factor_is_array:
+        factor = cp.ascontiguousarray(factor)  # a module's 0-d cumulative-average factor
     sum_scale, unscale, cap, smallest_normal = _DTYPE_SCALARS[x.dtype]
     work = cp.empty(plan.workspace, dtype=cp.float64)
     kernels["stats1"](plan.reduce_grid, _BLOCK, (x, *plan.loop, sum_scale, work))
     kernels["stats2"](plan.reduce_grid, _BLOCK, (x, *plan.loop, unscale, cap, work, plan.reductions))
     vectors = cp.empty((8, int(plan.channels)), dtype=x.dtype)
-    factor_is_array = not isinstance(factor, float)
     kernels["train_vectors"](
         plan.vector_grid,
         _VECTOR_BLOCK,
@@ -474,6 +483,7 @@ def eval_forward(
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Output, the running statistics (unchanged), mean (the running mean) and invstd."""
     x, plan, kernels = _setup(x, recipe)
+    mean, var, weight, bias = map(_dense, (running_mean, running_var, weight, bias))
     vectors = cp.empty((5, int(plan.channels)), dtype=x.dtype)
     kernels["eval_vectors"](
         plan.vector_grid,
@@ -481,8 +491,8 @@ def eval_forward(
         (
             plan.channels,
             np.float64(eps),
-            running_mean,
-            running_var,
+            mean,
+            var,
             vectors if weight is None else weight,
             vectors if bias is None else bias,
             _NO if weight is None else _YES,
@@ -503,6 +513,7 @@ def backward(
     """grad_input, grad_weight and grad_bias (sums accumulated in float64)."""
     x, plan, kernels = _setup(x, recipe)
     grad_output = cp.ascontiguousarray(grad_output)
+    weight, mean, invstd = map(_dense, (weight, mean, invstd))
     work = cp.empty(2 * int(plan.reductions), dtype=cp.float64)
     kernels["grad_sums"](plan.reduce_grid, _BLOCK, (grad_output, x, mean, invstd, *plan.loop, work))
     vectors = cp.empty((6, int(plan.channels)), dtype=x.dtype)
