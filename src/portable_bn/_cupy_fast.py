@@ -321,9 +321,11 @@ _WIDE_FROM = 2**31  # inputs of this many elements or more index with long long 
 
 
 @functools.cache
-def _kernels(dtype: np.dtype, wide: bool) -> dict[str, Any]:
+def _kernels(dtype: np.dtype, wide: bool, device_id: int) -> dict[str, Any]:
     """The kernels for ``dtype`` and an index type (``long long`` if ``wide``, else
-    ``unsigned int``), compiled on first use (CuPy caches the binary on disk)."""
+    ``unsigned int``), compiled on first use (CuPy caches the binary on disk). Kept per
+    GPU: ``get_function`` loads the module on the current device, which is x's device
+    when CuPy can run on x at all."""
     index = "long long" if wide else "unsigned int"
     names = {name: f"pbn_{name}<{_DTYPES[dtype]}, {index}>" for name in _KERNELS}
     module = cp.RawModule(
@@ -396,7 +398,7 @@ def _setup(x: Any, recipe: Recipe) -> tuple[Any, _Plan, dict[str, Any]]:
     """x in C order, the plan and the kernels."""
     x = cp.ascontiguousarray(x)  # no copy for a C-ordered array
     plan = _plan(tuple(x.shape), recipe.channel_axis, _multiprocessors(x.device.id))
-    return x, plan, _kernels(x.dtype, plan.wide)
+    return x, plan, _kernels(x.dtype, plan.wide, x.device.id)
 
 
 def _dense(vector: Any) -> Any:
