@@ -15,7 +15,7 @@ non-contiguous input is first copied to C order):
   corrected two-pass sums ``sum(d)`` and ``sum(d**2)`` with
   ``d = x * p - m0 * p`` around ``m0 = sum / n`` (the exact value for a
   constant channel), ``p`` the power of two of
-  :func:`._agnostic.power_of_two_scale` (at most ``2**-126`` in float32,
+  :func:`._agnostic.power_of_two_scale` (never below ``2**-126`` in float32,
   ``2**-1022`` in float64) from the channel's largest magnitude. Then one
   thread per channel turns the sums into the statistics (``_agnostic``'s
   formulas, in float64: ``mean = m0 + mean(d)``, ``var = mean(d**2) -
@@ -27,7 +27,11 @@ non-contiguous input is first copied to C order):
   ``m0 * p`` rounded to the dtype leaves out travelling in ``shift``
   (docs/accuracy). A float64 sum of float32 data can neither overflow nor
   lose the offset; in float64 the sum of pass 1 is of ``x * 2**-64`` (it
-  cannot overflow) and the squares are of scaled values.
+  cannot overflow) and the squares are of scaled values. The ``invstd``
+  returned is ``1 / sqrt(var + eps)`` of the unscaled float64 variance
+  wherever that is finite, so a constant channel of huge values gets
+  ``1 / sqrt(eps)`` (the agnostic code's floor on ``eps * p**2`` gives less;
+  the output is ``bias`` either way).
 - eval: one thread per channel (``invstd = 1 / sqrt(running_var + eps)`` and
   ``invstd * weight`` in the dtype, as ``_agnostic``), then the same output
   kernel with ``p = 1``.
@@ -37,9 +41,11 @@ non-contiguous input is first copied to C order):
 
 The kernels are compiled without fused multiply-adds and without flushing
 subnormal numbers (``--fmad=false --ftz=false``), so each operation rounds as
-the agnostic code's does. ``tests/test_cupy_fast.py`` checks every path
-against the agnostic one and the float64 reference, on ordinary and hard
-data, on a GPU.
+the agnostic code's does. Per-channel vectors that are views (strided,
+broadcast) are copied dense first: the kernels index them as ``v[c]``.
+``tests/test_cupy_fast.py`` checks every path against the agnostic one and
+the float64 reference, on ordinary and hard data, on a GPU;
+``tests/cuda_emulator.py`` runs the same CUDA source on a CPU (CI).
 """
 
 from __future__ import annotations
