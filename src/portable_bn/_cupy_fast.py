@@ -61,8 +61,6 @@ from ._recipe import Recipe
 
 _THREADS = 256  # a power of two: the block reductions halve it
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-_SCALE_CAP = {np.dtype(np.float32): 126, np.dtype(np.float64): 1022}  # power_of_two_scale's cap
-_SUM_SCALE = {np.dtype(np.float32): 1.0, np.dtype(np.float64): 2.0**-64}  # pass 1 sums x * this
 
 _SOURCE = r"""
 #define PBN_THREADS 256
@@ -104,6 +102,13 @@ __device__ double pbn_block_reduce(double value, Op op, double* shared) {
             l += step_l;                                                       \
             if (l >= L) { l -= L; off += CL - L; }                             \
         }                                                                      \
+    }
+
+// Grid-stride loop over every element i of an (N, C, L) array, with its channel c.
+#define PBN_ELEMENT_LOOP(...)                                                                          \
+    for (I i = (I)blockIdx.x * PBN_THREADS + threadIdx.x; i < size; i += (I)PBN_THREADS * gridDim.x) { \
+        const I c = (i / L) % C;                                                                       \
+        __VA_ARGS__                                                                                    \
     }
 
 // Pass 1: per block, sum(x * sum_scale), min(x), max(x) -> part1[block] (3 doubles).
@@ -247,10 +252,7 @@ __global__ void pbn_apply(const T* __restrict__ x, T* __restrict__ y, I size, I 
     const T* mp = p + C;
     const T* scale = p + 2 * C;
     const T* shift = p + 3 * C;
-    for (I i = (I)blockIdx.x * PBN_THREADS + threadIdx.x; i < size; i += (I)PBN_THREADS * gridDim.x) {
-        const I c = (i / L) % C;
-        y[i] = (x[i] * p[c] - mp[c]) * scale[c] + shift[c];
-    }
+    PBN_ELEMENT_LOOP(y[i] = (x[i] * p[c] - mp[c]) * scale[c] + shift[c];)
 }
 
 // Backward pass: per block sum(g) and sum(g * xhat), xhat = (x - mean) * invstd -> part[block].
@@ -305,11 +307,10 @@ __global__ void pbn_grad_apply(const T* __restrict__ grad, const T* __restrict__
     const T* k_bias = mean + C;
     const T* k_weight = mean + 2 * C;
     const T* scale = mean + 3 * C;
-    for (I i = (I)blockIdx.x * PBN_THREADS + threadIdx.x; i < size; i += (I)PBN_THREADS * gridDim.x) {
-        const I c = (i / L) % C;
+    PBN_ELEMENT_LOOP(
         grad_input[i] = training ? (grad[i] - k_bias[c] - (x[i] - mean[c]) * k_weight[c]) * scale[c]
                                  : grad[i] * scale[c];
-    }
+    )
 }
 """
 
@@ -353,7 +354,8 @@ class _Plan(NamedTuple):
     channels: Any  # C, as the index type
     inner: Any  # L: elements after the channel axis
     size: Any
-    reductions: Any  # blocks per channel times C
+    blocks: Any  # reduction blocks per channel
+    reductions: Any  # blocks times C
     loop: tuple[Any, ...]  # count, C * L, L, blocks, chunk, step_n, step_l (PBN_CHANNEL_LOOP)
     per_channel: np.float64  # n
     bessel: np.float64  # n / (n - 1)
@@ -383,6 +385,7 @@ def _plan(shape: tuple[int, ...], channel_axis: int, multiprocessors: int) -> _P
         channels=index(channels),
         inner=index(inner),
         size=index(size),
+        blocks=index(blocks),
         reductions=index(channels * blocks),
         loop=tuple(index(value) for value in (count, channels * inner, inner, blocks, chunk, step_n, step_l)),
         per_channel=np.float64(count),
@@ -417,14 +420,17 @@ _BLOCK = (_THREADS,)
 _VECTOR_BLOCK = (128,)
 _YES, _NO = np.int32(1), np.int32(0)
 _ROW = {wide: [(np.int64 if wide else np.uint32)(row) for row in range(8)] for wide in (False, True)}
-_DTYPE_SCALARS = {  # sum_scale, 1 / sum_scale, scale cap, smallest normal (float64 scalars for the kernels)
-    dtype: (
-        np.float64(_SUM_SCALE[dtype]),
-        np.float64(1.0 / _SUM_SCALE[dtype]),
-        np.int32(_SCALE_CAP[dtype]),
-        np.float64(2.0 ** -_SCALE_CAP[dtype]),  # the smallest normal number
-    )
-    for dtype in _DTYPES
+
+
+def _dtype_scalars(sum_scale: float, cap: int) -> tuple[np.float64, np.float64, np.int32, np.float64]:
+    """The kernels' per-dtype scalars: pass 1 sums ``x * sum_scale``, then ``1 / sum_scale``,
+    :func:`._agnostic.power_of_two_scale`'s cap and ``2**-cap``, the smallest normal number."""
+    return np.float64(sum_scale), np.float64(1.0 / sum_scale), np.int32(cap), np.float64(2.0**-cap)
+
+
+_DTYPE_SCALARS = {
+    np.dtype(np.float32): _dtype_scalars(1.0, 126),
+    np.dtype(np.float64): _dtype_scalars(2.0**-64, 1022),  # a sum of x * 2**-64 cannot overflow
 }
 
 
@@ -443,9 +449,7 @@ def train_forward(
     """Output, new running mean and variance (or the given None), batch mean and invstd."""
     x, plan, kernels = _setup(x, recipe)
     running_mean, running_var, weight, bias = map(_dense, (running_mean, running_var, weight, bias))
-    factor_is_array = not isinstance(factor, float)
-    if factor_is_array:
-        factor = cp.ascontiguousarray(factor)  # a module's 0-d cumulative-average factor
+    factor_is_array = not isinstance(factor, float)  # a module's 0-d cumulative-average factor
     sum_scale, unscale, cap, smallest_normal = _DTYPE_SCALARS[x.dtype]
     work = cp.empty(plan.workspace, dtype=cp.float64)
     kernels["stats1"](plan.reduce_grid, _BLOCK, (x, *plan.loop, sum_scale, work))
@@ -456,7 +460,7 @@ def train_forward(
         _VECTOR_BLOCK,
         (
             plan.channels,
-            plan.loop[3],  # blocks
+            plan.blocks,
             plan.per_channel,
             np.float64(eps),
             smallest_normal,
@@ -531,7 +535,7 @@ def backward(
         _VECTOR_BLOCK,
         (
             plan.channels,
-            plan.loop[3],  # blocks
+            plan.blocks,
             plan.per_channel,
             training_flag,
             work,
