@@ -25,6 +25,7 @@ X = sample((4, 3, 5), seed=0)
         ({"x": X[0, 0]}, ValueError, r"x must have at least 2 dimensions.*\(5,\)"),
         ({"axis": 3}, ValueError, r"axis must be in \[-3, 3\).*got 3"),
         ({"axis": 1.0}, TypeError, r"axis must be an int.*float"),
+        ({"axis": True}, TypeError, r"axis must be an int.*bool"),
         ({"weight": _vec(n=4)}, ValueError, r"weight must have shape \(3,\).*along axis 1, got shape \(4,\)"),
         ({"bias": _vec(n=2)}, ValueError, r"bias must have shape \(3,\).*got shape \(2,\)"),
         ({"running_mean": _vec(n=4), "running_var": _vec()}, ValueError, r"running_mean must have shape \(3,\)"),
@@ -217,3 +218,27 @@ def test_train_mode_must_be_bool():
     with pytest.raises(TypeError, match="mode must be True or False"):
         module.train("no")
     assert module.training is True
+
+
+def test_integer_like_axis_is_accepted():
+    """Any integer type names the channel axis (the plain-int shortcut must not reject the others)."""
+    expected = pbn.batch_norm(X, _vec(0.0, n=5), _vec(n=5), training=True, axis=-1)
+    got = pbn.batch_norm(X, _vec(0.0, n=5), _vec(n=5), training=True, axis=np.int64(-1))
+    np.testing.assert_array_equal(got.output, expected.output)
+    with pytest.raises(ValueError, match=r"axis must be in \[-3, 3\).*got -4"):
+        pbn.batch_norm(X, training=True, axis=np.int8(-4))
+
+
+def test_shape_shortcut_only_for_plain_array_types():
+    """Validation skips the unknown-size scan only for types whose sizes are Python ints;
+    a subclass (a stand-in for torch's fake tensors, with symbolic sizes) keeps it."""
+    from portable_bn._compat import has_int_shape
+
+    class Sub(np.ndarray):
+        pass
+
+    assert has_int_shape(X)
+    assert not has_int_shape(X.view(Sub))
+    np.testing.assert_array_equal(
+        pbn.batch_norm(X.view(Sub), training=True).output, pbn.batch_norm(X, training=True).output
+    )

@@ -39,6 +39,7 @@ __all__ = [
     "describe_namespace",
     "detach",
     "device",
+    "has_int_shape",
     "devices_differ",
     "multiply_add",
     "namespace_of",
@@ -62,6 +63,11 @@ _namespace_by_type: dict[type, ModuleType] = {_ndarray: _numpy_namespace}
 arrays), so a call skips array_namespace's checks (about 6 us per argument)."""
 _torch_types: set[type] = set()
 _cupy_types: set[type] = set()  # device checks without array-api-compat's device(): about 7 us per vector (H200)
+_int_shape_types: set[type] = {_ndarray}
+"""The library's own array types (not subclasses such as torch's fake tensors,
+whose sizes may be symbolic): their shapes are tuples of Python ints."""
+_PLAIN_TYPES = {("torch", "Tensor"), ("torch", "Parameter"), ("cupy", "ndarray")}
+"""(top-level module, class name) of the types in ``_int_shape_types`` besides NumPy's."""
 
 
 def namespace_of(value: Any, name: str) -> ModuleType:
@@ -75,13 +81,23 @@ def namespace_of(value: Any, name: str) -> ModuleType:
             f"JAX, Dask, array-api-strict), got {type(value).__name__}"
         )
     namespace = array_namespace(value)
+    kind = type(value)
     if is_torch_array(value):
-        _namespace_by_type[type(value)] = namespace
-        _torch_types.add(type(value))
+        _namespace_by_type[kind] = namespace
+        _torch_types.add(kind)
     elif is_cupy_array(value):
-        _namespace_by_type[type(value)] = namespace
-        _cupy_types.add(type(value))
+        _namespace_by_type[kind] = namespace
+        _cupy_types.add(kind)
+    if (kind.__module__.partition(".")[0], kind.__name__) in _PLAIN_TYPES:
+        _int_shape_types.add(kind)
     return namespace
+
+
+def has_int_shape(x: Any) -> bool:
+    """True for arrays whose shape is known to be a tuple of Python ints (NumPy
+    arrays, torch tensors and parameters, CuPy arrays), so shape checks and
+    conversions can be skipped. False means "not known"."""
+    return type(x) in _int_shape_types
 
 
 def resolve_namespace(library: Any) -> ModuleType:
