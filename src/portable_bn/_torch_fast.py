@@ -126,6 +126,11 @@ def _view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
 
 
+_VAR_SHARE_LIMIT = {dtype: 1.0 - 8 * float(torch.finfo(dtype).eps) for dtype in _DTYPES}
+"""Per dtype, the bound on ``var / (var + eps)`` in :func:`_benign_batch`: 1 less a
+margin for the rounding of ``invstd``."""
+
+
 def _host(tensor: torch.Tensor) -> np.ndarray:
     """A float64 NumPy copy of a small CPU tensor: the verdicts below are a few
     tiny operations, which cost about 1 us each in NumPy and 3-10 us in torch."""
@@ -148,7 +153,7 @@ def _benign_batch(mean: torch.Tensor, invstd: torch.Tensor, eps: float) -> bool:
         mean64, invstd64 = both[0], both[1]
     with np.errstate(all="ignore"):
         inv2 = invstd64 * invstd64
-        var_share = np.maximum((1.0 - 8 * float(torch.finfo(mean.dtype).eps)) - eps * inv2, 0.0)
+        var_share = np.maximum(_VAR_SHARE_LIMIT[mean.dtype] - eps * inv2, 0.0)
         slack = MAX_MEAN_OVER_STD**2 * var_share - mean64 * mean64 * inv2
         smallest_slack, smallest_invstd = float(slack.min()), float(invstd64.min())
     return 0.0 <= smallest_slack < math.inf and smallest_invstd > 0.0
@@ -161,6 +166,21 @@ def _benign_running(running_mean: np.ndarray, running_var: np.ndarray, eps: floa
     The caller silences NumPy's floating-point warnings."""
     smallest_slack = float(np.subtract(running_var * MAX_MEAN_OVER_STD**2, running_mean * running_mean).min())
     return 0.0 <= smallest_slack < math.inf and eps > 0.0
+
+
+def _fresh_copies(running_mean: torch.Tensor, running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the running statistics for the kernel to update, without graphs.
+
+    One ``stack`` into a (2, C) tensor whose rows are the copies: one kernel launch
+    instead of two clones (on CUDA, H200, measured apart: 8-13 us against 19-26). Only where the
+    second row starts on a 16-byte boundary, as a separately allocated vector would
+    (vectorized kernels may assume it); elsewhere two clones.
+    """
+    running_mean, running_var = running_mean.detach(), running_var.detach()
+    if (running_mean.shape[0] * running_mean.element_size()) % 16:
+        return running_mean.clone(), running_var.clone()
+    copies = torch.stack((running_mean, running_var)).unbind()
+    return copies[0], copies[1]
 
 
 def train_forward(
@@ -182,7 +202,7 @@ def train_forward(
     if not x.is_cpu and torch.cuda.is_current_stream_capturing():
         return None
     if running_mean is not None and running_var is not None:
-        running_mean, running_var = running_mean.detach().clone(), running_var.detach().clone()
+        running_mean, running_var = _fresh_copies(running_mean, running_var)
     if x.is_cpu or _IMPL_INDEX is None:
         output, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
     else:  # CUDA: the kernel F.batch_norm would choose (cuDNN where it applies), with its statistics
@@ -194,6 +214,19 @@ def train_forward(
     if torch.is_grad_enabled() and x.requires_grad:
         mean, invstd = _BatchStatistics.apply(x, mean, invstd, eps)
     return output, running_mean, running_var, mean, invstd
+
+
+def _eval_kernel(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """What ``F.batch_norm(..., training=False)`` runs, without its Python checks (ours
+    are done): ``torch.batch_norm``, which picks cuDNN or the native kernel."""
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
 
 def eval_forward(
@@ -209,8 +242,10 @@ def eval_forward(
     if not x.is_cpu:
         # CUDA: no verdict (see the module docstring), nothing read on the host; invstd
         # with the operations of _agnostic.running_statistics, so the same roundings.
-        output = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-        return output, 1.0 / torch.sqrt(running_var + eps)
+        output = _eval_kernel(x, running_mean, running_var, weight, bias, eps)
+        # torch's ``1.0 / t`` is ``t.reciprocal() * 1.0``: in place, one launch and
+        # three allocations fewer, the same values (H200: 19-20 us against 30-34).
+        return output, torch.add(running_var.detach(), eps).sqrt_().reciprocal_()
     if x.numel() < MIN_EVAL_ELEMENTS:
         return None
     mean, var = _view(running_mean), _view(running_var)
@@ -221,7 +256,7 @@ def eval_forward(
         if not _benign_running(mean, var, eps):
             return None
         invstd = 1.0 / np.sqrt(var + var.dtype.type(eps))
-    output = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    output = _eval_kernel(x, running_mean, running_var, weight, bias, eps)
     return output, torch.from_numpy(invstd)
 
 
