@@ -257,33 +257,43 @@ def main() -> int:
             assert value.dtype == x.dtype, label
             expect(f"{label} {name}", value, expected, dtype)
 
-    rng = np.random.default_rng(2)
-    for dtype in ("float32", "float64"):
-        for shape, axis in (((4, 3, 7), 1), ((5, 6, 3, 4), -1), ((8, 3, 40, 40), 1), ((600, 2), 1)):
-            x_host = 3.0 + 2.0 * rng.normal(size=shape)
-            forward(x_host, dtype, axis=axis)
-            forward(x_host, dtype, axis=axis, affine=False, factor=None)  # a module's 0-d factor
-            forward(x_host, dtype, axis=axis, running=False)
-            forward(x_host, dtype, axis=axis, training=False)
-            backward(x_host, dtype, axis=axis)
-            backward(x_host, dtype, axis=axis, training=False, affine=False)
-        forward(rng.normal(size=(8, 3, 10, 6))[:, :, ::2, 1:], dtype)  # strided
-        forward(rng.normal(size=(8, 3, 10)), dtype, strided_vectors=True)
-        forward(rng.normal(size=(8, 3, 10)), dtype, training=False, strided_vectors=True)
-        special = rng.normal(size=(6, 5, 7))
-        special[:, 1], special[:, 2] = 123.4375, 3e38  # constant channels: output exactly bias
-        special[2, 3, 4], special[1, 4, 0] = np.nan, np.inf
-        forward(special, dtype)
-        special[:, 2] = 1.0
-        forward(special, dtype, skip=True, truth="agnostic")  # NaN/Inf channels keep their running values
-    for offset, spread in ((1e4, 0.1), (1e20, 1e19), (-3e38, 1e37)):
-        forward(np.clip(offset + spread * rng.normal(size=(8, 3, 4, 4)), -3.4e38, 3.4e38), "float32")
-    for offset, spread in ((1e12, 1.0), (1e300, 1e299), (0.0, 1e-300)):
-        forward(offset + spread * rng.normal(size=(8, 3, 4, 4)), "float64", truth="agnostic")
+    def cases(rng: np.random.Generator, *, backward_too: bool) -> None:
+        for dtype in ("float32", "float64"):
+            for shape, axis in (((4, 3, 7), 1), ((5, 6, 3, 4), -1), ((8, 3, 40, 40), 1), ((600, 2), 1)):
+                x_host = 3.0 + 2.0 * rng.normal(size=shape)
+                forward(x_host, dtype, axis=axis)
+                forward(x_host, dtype, axis=axis, affine=False, factor=None)  # a module's 0-d factor
+                forward(x_host, dtype, axis=axis, running=False)
+                forward(x_host, dtype, axis=axis, training=False)
+                if backward_too:  # the backward has no fused variant
+                    backward(x_host, dtype, axis=axis)
+                    backward(x_host, dtype, axis=axis, training=False, affine=False)
+            forward(rng.normal(size=(8, 3, 10, 6))[:, :, ::2, 1:], dtype)  # strided
+            forward(rng.normal(size=(8, 3, 10)), dtype, strided_vectors=True)
+            forward(rng.normal(size=(8, 3, 10)), dtype, training=False, strided_vectors=True)
+            special = rng.normal(size=(6, 5, 7))
+            special[:, 1], special[:, 2] = 123.4375, 3e38  # constant channels: output exactly bias
+            special[2, 3, 4], special[1, 4, 0] = np.nan, np.inf
+            forward(special, dtype)
+            special[:, 2] = 1.0
+            forward(special, dtype, skip=True, truth="agnostic")  # NaN/Inf channels keep their running values
+        for offset, spread in ((1e4, 0.1), (1e20, 1e19), (-3e38, 1e37)):
+            forward(np.clip(offset + spread * rng.normal(size=(8, 3, 4, 4)), -3.4e38, 3.4e38), "float32")
+        for offset, spread in ((1e12, 1.0), (1e300, 1e299), (0.0, 1e-300)):
+            forward(offset + spread * rng.normal(size=(8, 3, 4, 4)), "float64", truth="agnostic")
+
+    # The one-launch output kernels (C <= _FUSED_UP_TO), then the separate vector kernels.
+    for fused_up_to in (_cupy_fast._FUSED_UP_TO, 0):
+        _cupy_fast._FUSED_UP_TO = fused_up_to
+        cases(np.random.default_rng(2), backward_too=fused_up_to > 0)
+    rng = np.random.default_rng(3)
     _cupy_fast._WIDE_FROM = 0  # the 64-bit index kernels
     _cupy_fast._plan.cache_clear()
     x_host = -1.0 + rng.normal(size=(8, 3, 40, 40))
-    forward(x_host, "float32")
+    for fused_up_to in (1024, 0):
+        _cupy_fast._FUSED_UP_TO = fused_up_to
+        forward(x_host, "float32")
+        forward(x_host, "float64", training=False)
     backward(x_host, "float64")
     for failure in failures:
         print("FAIL", failure)

@@ -82,17 +82,29 @@ def _check(cp, x_host, dtype, *, training, axis=1, affine=True, running=True, mo
     return fast
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "separate"])
+def fused(request, cp, monkeypatch):
+    """Run the forward's output kernels both ways: one launch that computes the channels'
+    vectors in every block (C <= _FUSED_UP_TO), and the separate vector kernel."""
+    from portable_bn import _cupy_fast
+
+    if not request.param:
+        monkeypatch.setattr(_cupy_fast, "_FUSED_UP_TO", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape_axis", [((16, 3), 1), ((4, 3, 7), 1), ((5, 4, 6, 3), 1), ((5, 6, 3, 4), -1)])
 @pytest.mark.parametrize(("affine", "running"), [(True, True), (False, True), (True, False)])
-def test_fast_path_equals_agnostic_path(cp, spy, dtype, training, shape_axis, affine, running):
+def test_fast_path_equals_agnostic_path(cp, spy, launches, fused, dtype, training, shape_axis, affine, running):
     shape, axis = shape_axis
     if not training and not running:
         pytest.skip("eval needs running statistics")
     x_host = 3.0 + 2.0 * np.random.default_rng(2).normal(size=shape)
     _check(cp, x_host, dtype, training=training, axis=axis, affine=affine, running=running)
     assert spy == ["train_forward" if training else "eval_forward"]
+    assert launches == _KERNEL_SEQUENCES[training, fused]
 
 
 @pytest.fixture(params=[False, True], ids=["index32", "index64"])
@@ -112,12 +124,55 @@ def wide(request, cp, monkeypatch):
 @pytest.mark.parametrize(
     "shape_axis", [((5000, 3), 1), ((16, 2, 64, 64), 1), ((2, 3, 70000), 1), ((4, 9, 9, 40), -1), ((3, 700), 0)]
 )
-def test_many_blocks_per_channel(cp, spy, wide, dtype, training, shape_axis):
+def test_many_blocks_per_channel(cp, spy, wide, fused, dtype, training, shape_axis):
     """Channels split over many reduction blocks, rows longer and shorter than a block."""
     shape, axis = shape_axis
     x_host = -2.0 + 0.5 * np.random.default_rng(6).normal(size=shape)
     _check(cp, x_host, dtype, training=training, axis=axis)
     assert spy == ["train_forward" if training else "eval_forward"]
+
+
+@pytest.fixture
+def launches(cp, monkeypatch):
+    """Names of the kernels launched, in order."""
+    from portable_bn import _cupy_fast
+
+    names: list[str] = []
+    compiled = _cupy_fast._kernels
+
+    def recording(*args):
+        def launcher(name, kernel):
+            def launch(*launch_args):
+                names.append(name)
+                return kernel(*launch_args)
+
+            return launch
+
+        return {name: launcher(name, kernel) for name, kernel in compiled(*args).items()}
+
+    monkeypatch.setattr(_cupy_fast, "_kernels", recording)
+    return names
+
+
+_KERNEL_SEQUENCES = {
+    (True, True): ["stats1", "stats2", "train_apply"],
+    (True, False): ["stats1", "stats2", "train_vectors", "apply"],
+    (False, True): ["eval"],
+    (False, False): ["eval_vectors", "apply"],
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape_axis", [((3, 1024, 5), 1), ((4, 1025), 1), ((2, 3, 2100), -1)])
+def test_many_channels(cp, spy, launches, dtype, training, shape_axis):
+    """The fused output kernels hold 1024 channels' vectors in shared memory: at that limit
+    they run, beyond it the separate vector kernel does."""
+    shape, axis = shape_axis
+    x_host = 1.0 + np.random.default_rng(9).normal(size=shape)
+    _check(cp, x_host, dtype, training=training, axis=axis)
+    assert spy == ["train_forward" if training else "eval_forward"]
+    assert launches == _KERNEL_SEQUENCES[training, shape[axis] <= 1024]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -1,13 +1,16 @@
-"""CuPy fast path: training, eval and backward in three or four CUDA kernels.
+"""CuPy fast path: training, eval and backward in one to three CUDA kernels.
 
 Why it exists: CuPy runs the agnostic code one operation per kernel, and each
 call costs 10 to 30 us of Python and driver time; the prescaled training
 forward is several dozen of them (H100: 0.7 to 1.4 ms a call, 5 to 30 x
 PyTorch's cuDNN on the same data). These kernels take 0.08 to 0.11 ms per
-training call on ResNet-like shapes (H200: 0.65 to 2.4 x cuDNN; eval 0.6 to
-1.9 x; backward 0.3 to 0.7 x autograd; docs/performance). Here, for float32 and
-float64 input of any shape and channel axis (viewed as ``(N, C, L)``; a
-non-contiguous input is first copied to C order):
+training call on ResNet-like shapes (H200, four kernels: 0.65 to 2.4 x cuDNN;
+eval 0.6 to 1.9 x; backward 0.3 to 0.7 x autograd; docs/performance). Each
+launch costs about 7 us of CuPy's Python and driver time, so the output kernels
+also compute the per-channel vectors where up to 1024 channels fit in a block's
+shared memory (one launch fewer in training, eval a single launch). Here, for
+float32 and float64 input of any shape and channel axis (viewed as
+``(N, C, L)``; a non-contiguous input is first copied to C order):
 
 - training: two reading passes, each kernel block reducing one slice of one
   channel into float64 partial sums (no atomics: the same input always gives
@@ -22,8 +25,11 @@ non-contiguous input is first copied to C order):
   mean(d)**2``, ``eps * p**2`` kept normal), the running update (PyTorch's
   rule with ``_agnostic.updated_running_stats``'s roundings in the input's
   dtype, ``skip_nonfinite`` included) and the output's per-channel
-  ``p, m0 * p, scale, shift``; the last kernel writes
-  ``y = (x * p - m0 * p) * scale + shift``, the part of the float64 mean that
+  ``p, m0 * p, scale, shift`` (for C <= 1024 every block of the output kernel
+  does this for all channels into shared memory, summing the partials in one
+  order, so every block has the same bits, and block 0 writes the returned
+  vectors; beyond 1024 channels a kernel of its own does it); the output kernel
+  writes ``y = (x * p - m0 * p) * scale + shift``, the part of the float64 mean that
   ``m0 * p`` rounded to the dtype leaves out travelling in ``shift``
   (docs/accuracy). A float64 sum of float32 data can neither overflow nor
   lose the offset; in float64 the sum of pass 1 is of ``x * 2**-64`` (it
@@ -32,9 +38,10 @@ non-contiguous input is first copied to C order):
   wherever that is finite, so a constant channel of huge values gets
   ``1 / sqrt(eps)`` (the agnostic code's floor on ``eps * p**2`` gives less;
   the output is ``bias`` either way).
-- eval: one thread per channel (``invstd = 1 / sqrt(running_var + eps)`` and
-  ``invstd * weight`` in the dtype, as ``_agnostic``), then the same output
-  kernel with ``p = 1``.
+- eval: ``invstd = 1 / sqrt(running_var + eps)`` and ``invstd * weight`` in the
+  dtype, as ``_agnostic``, then ``y = (x - running_mean) * scale + shift``: one
+  kernel whose blocks each compute the vectors (C <= 1024), else one thread per
+  channel and then the training output kernel with ``p = 1``.
 - backward: float64 partial sums of ``g`` and ``g * xhat`` per block, one
   thread per channel for the gradients of the parameters, and one kernel for
   ``grad_input = (g - sum(g)/n - (x - mean) * invstd * sum(g*xhat)/n) * w * invstd``.
@@ -64,6 +71,7 @@ _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 _SOURCE = r"""
 #define PBN_THREADS 256
+#define PBN_VECTOR_CAP 1024  // channels whose vectors fit in a block's shared memory (32 KiB)
 
 __device__ double pbn_inf() { return __longlong_as_double(0x7ff0000000000000LL); }
 
@@ -180,17 +188,19 @@ __global__ void pbn_stats2(const T* __restrict__ x, I count, I CL, I L, I blocks
     }
 }
 
-// One thread per channel: statistics, running update and the output's vectors.
-// out rows (C each): mean, invstd, new running mean, new running var, p, m0 * p, scale, shift.
+// What the output needs of one channel: y = (x * p - mp) * scale + shift.
+template <typename T>
+struct PbnAffine { T p, mp, scale, shift; };
+
+// The training statistics of channel c from the pass-2 partials (summed in one order by
+// every caller, so every caller gets the same bits), the running update, and the output's
+// affine map. out (or nullptr): rows mean, invstd, new running mean, new running var.
 template <typename T, typename I>
-__global__ void pbn_train_vectors(I C, I blocks, double count, double eps, double smallest_normal,
-                                  double bessel, const double* __restrict__ work, I reductions,
-                                  const T* weight, const T* bias,
-                                  int has_weight, int has_bias, const T* running_mean, const T* running_var,
-                                  int has_running, double factor, const T* factor_array, int factor_is_array,
-                                  int skip_nonfinite, T* out) {
-    const I c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+__device__ PbnAffine<T> pbn_channel(I c, I C, I blocks, double count, double eps, double smallest_normal,
+                                    double bessel, const double* work, I reductions, const T* weight,
+                                    const T* bias, int has_weight, int has_bias, const T* running_mean,
+                                    const T* running_var, int has_running, double factor, const T* factor_array,
+                                    int factor_is_array, int skip_nonfinite, T* out) {
     const double* part2 = work + 3 * (unsigned long long)reductions;
     const double* channel = work + 5 * (unsigned long long)reductions;
     double centered = 0.0, squares = 0.0;
@@ -204,18 +214,20 @@ __global__ void pbn_train_vectors(I C, I blocks, double count, double eps, doubl
     const double invstd_scaled = 1.0 / sqrt(var_scaled + fmax(eps * p * p, smallest_normal));
     const T mean = (T)((m0p + residual) / p);
     const double var = var_scaled / p / p;  // Inf where the true variance is beyond float64
-    const T batch_var = (T)var;
     const double scale = has_weight ? invstd_scaled * (double)weight[c] : invstd_scaled;
     const T mp = (T)m0p;
+    PbnAffine<T> affine;
+    affine.p = (T)p;
+    affine.mp = mp;
+    affine.scale = (T)scale;
+    affine.shift = (T)((has_bias ? (double)bias[c] : 0.0) - ((m0p - (double)mp) + residual) * scale);
+    if (out == nullptr) return affine;
     // The invstd returned: unscaled in float64 where the variance fits (always for float32
     // input; a constant channel of huge values gets 1 / sqrt(eps), not the floor's value).
     out[c] = mean;
     out[C + c] = (T)(isfinite(var) ? 1.0 / sqrt(var + eps) : invstd_scaled * p);
-    out[4 * C + c] = (T)p;
-    out[5 * C + c] = mp;
-    out[6 * C + c] = (T)scale;
-    out[7 * C + c] = (T)((has_bias ? (double)bias[c] : 0.0) - ((m0p - (double)mp) + residual) * scale);
     if (has_running) {
+        const T batch_var = (T)var;
         const T f = factor_is_array ? factor_array[0] : (T)factor;
         const T keep = factor_is_array ? (T)1 - f : (T)(1.0 - factor);
         const T unbiased = batch_var * (T)bessel;
@@ -228,9 +240,75 @@ __global__ void pbn_train_vectors(I C, I blocks, double count, double eps, doubl
         out[2 * C + c] = new_mean;
         out[3 * C + c] = new_var;
     }
+    return affine;
 }
 
-// One thread per channel, eval. out rows: invstd, p (1), m0 * p (the running mean), scale, shift.
+// The training output in one launch for C <= PBN_VECTOR_CAP: every block computes every
+// channel's affine map into shared memory (block 0 also writes out's rows), then
+// y = (x * p - mp) * scale + shift for its elements.
+template <typename T, typename I>
+__global__ void pbn_train_apply(const T* __restrict__ x, T* __restrict__ y, I size, I C, I L, I blocks,
+                                double count, double eps, double smallest_normal, double bessel,
+                                const double* __restrict__ work, I reductions, const T* weight, const T* bias,
+                                int has_weight, int has_bias, const T* running_mean, const T* running_var,
+                                int has_running, double factor, const T* factor_array, int factor_is_array,
+                                int skip_nonfinite, T* out) {
+    __shared__ double vec[4 * PBN_VECTOR_CAP];  // values of T: p, mp, scale, shift
+    for (I c = threadIdx.x; c < C; c += PBN_THREADS) {
+        const PbnAffine<T> affine = pbn_channel<T, I>(
+            c, C, blocks, count, eps, smallest_normal, bessel, work, reductions, weight, bias, has_weight,
+            has_bias, running_mean, running_var, has_running, factor, factor_array, factor_is_array,
+            skip_nonfinite, blockIdx.x == 0 ? out : nullptr);
+        vec[c] = affine.p;
+        vec[C + c] = affine.mp;
+        vec[2 * C + c] = affine.scale;
+        vec[3 * C + c] = affine.shift;
+    }
+    __syncthreads();
+    PBN_ELEMENT_LOOP(y[i] = (x[i] * (T)vec[c] - (T)vec[C + c]) * (T)vec[2 * C + c] + (T)vec[3 * C + c];)
+}
+
+// One thread per channel (C > PBN_VECTOR_CAP): out rows mean, invstd, new running mean,
+// new running var, then the affine map p, m0 * p, scale, shift for pbn_apply.
+template <typename T, typename I>
+__global__ void pbn_train_vectors(I C, I blocks, double count, double eps, double smallest_normal,
+                                  double bessel, const double* __restrict__ work, I reductions,
+                                  const T* weight, const T* bias,
+                                  int has_weight, int has_bias, const T* running_mean, const T* running_var,
+                                  int has_running, double factor, const T* factor_array, int factor_is_array,
+                                  int skip_nonfinite, T* out) {
+    const I c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const PbnAffine<T> affine = pbn_channel<T, I>(
+        c, C, blocks, count, eps, smallest_normal, bessel, work, reductions, weight, bias, has_weight, has_bias,
+        running_mean, running_var, has_running, factor, factor_array, factor_is_array, skip_nonfinite, out);
+    out[4 * C + c] = affine.p;
+    out[5 * C + c] = affine.mp;
+    out[6 * C + c] = affine.scale;
+    out[7 * C + c] = affine.shift;
+}
+
+// Eval in one launch for C <= PBN_VECTOR_CAP: every block computes invstd = 1 / sqrt(running_var + eps)
+// and invstd * weight in the dtype (as _agnostic) into shared memory, block 0 writes invstd,
+// then y = (x - running_mean) * scale + shift.
+template <typename T, typename I>
+__global__ void pbn_eval(const T* __restrict__ x, T* __restrict__ y, I size, I C, I L, double eps,
+                         const T* running_mean, const T* running_var, const T* weight, const T* bias,
+                         int has_weight, int has_bias, T* invstd_out) {
+    __shared__ double vec[3 * PBN_VECTOR_CAP];  // values of T: mean, scale, shift
+    for (I c = threadIdx.x; c < C; c += PBN_THREADS) {
+        const T invstd = (T)1 / sqrt(running_var[c] + (T)eps);
+        if (blockIdx.x == 0) invstd_out[c] = invstd;
+        vec[c] = running_mean[c];
+        vec[C + c] = has_weight ? invstd * weight[c] : invstd;
+        vec[2 * C + c] = has_bias ? bias[c] : (T)0;
+    }
+    __syncthreads();
+    PBN_ELEMENT_LOOP(y[i] = (x[i] - (T)vec[c]) * (T)vec[C + c] + (T)vec[2 * C + c];)
+}
+
+// One thread per channel, eval (C > PBN_VECTOR_CAP). out rows: invstd, p (1), m0 * p (the
+// running mean), scale, shift.
 template <typename T, typename I>
 __global__ void pbn_eval_vectors(I C, double eps, const T* running_mean, const T* running_var, const T* weight,
                                  const T* bias, int has_weight, int has_bias, T* out) {
@@ -317,7 +395,9 @@ __global__ void pbn_grad_apply(const T* __restrict__ grad, const T* __restrict__
 _KERNELS = (
     "stats1",
     "stats2",
+    "train_apply",
     "train_vectors",
+    "eval",
     "eval_vectors",
     "apply",
     "grad_sums",
@@ -325,6 +405,7 @@ _KERNELS = (
     "grad_apply",
 )
 _WIDE_FROM = 2**31  # inputs of this many elements or more index with long long (tests lower it)
+_FUSED_UP_TO = 1024  # channels for the one-launch output kernels: PBN_VECTOR_CAP at most (tests lower it)
 
 
 @functools.cache
@@ -454,37 +535,40 @@ def train_forward(
     work = cp.empty(plan.workspace, dtype=cp.float64)
     kernels["stats1"](plan.reduce_grid, _BLOCK, (x, *plan.loop, sum_scale, work))
     kernels["stats2"](plan.reduce_grid, _BLOCK, (x, *plan.loop, unscale, cap, work, plan.reductions))
-    vectors = cp.empty((8, int(plan.channels)), dtype=x.dtype)
-    kernels["train_vectors"](
-        plan.vector_grid,
-        _VECTOR_BLOCK,
-        (
-            plan.channels,
-            plan.blocks,
-            plan.per_channel,
-            np.float64(eps),
-            smallest_normal,
-            plan.bessel,
-            work,
-            plan.reductions,
-            vectors if weight is None else weight,
-            vectors if bias is None else bias,
-            _NO if weight is None else _YES,
-            _NO if bias is None else _YES,
-            vectors if running_mean is None else running_mean,
-            vectors if running_var is None else running_var,
-            _NO if running_mean is None else _YES,
-            np.float64(0.0 if factor_is_array else factor),
-            factor if factor_is_array else vectors,
-            _YES if factor_is_array else _NO,
-            _YES if skip_nonfinite else _NO,
-            vectors,
-        ),
+    fused = plan.channels <= _FUSED_UP_TO
+    vectors = cp.empty((4 if fused else 8, int(plan.channels)), dtype=x.dtype)
+    statistics = (
+        plan.channels,
+        plan.blocks,
+        plan.per_channel,
+        np.float64(eps),
+        smallest_normal,
+        plan.bessel,
+        work,
+        plan.reductions,
+        vectors if weight is None else weight,
+        vectors if bias is None else bias,
+        _NO if weight is None else _YES,
+        _NO if bias is None else _YES,
+        vectors if running_mean is None else running_mean,
+        vectors if running_var is None else running_var,
+        _NO if running_mean is None else _YES,
+        np.float64(0.0 if factor_is_array else factor),
+        factor if factor_is_array else vectors,
+        _YES if factor_is_array else _NO,
+        _YES if skip_nonfinite else _NO,
+        vectors,
     )
     output = cp.empty_like(x)
-    kernels["apply"](
-        plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, vectors, _ROW[plan.wide][4])
-    )
+    if fused:  # one launch: every block computes the channels' vectors in shared memory
+        kernels["train_apply"](
+            plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, *statistics[1:])
+        )
+    else:
+        kernels["train_vectors"](plan.vector_grid, _VECTOR_BLOCK, statistics)
+        kernels["apply"](
+            plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, vectors, _ROW[plan.wide][4])
+        )
     if running_mean is not None:
         running_mean, running_var = vectors[2], vectors[3]
     return output, running_mean, running_var, vectors[0], vectors[1]
@@ -496,6 +580,29 @@ def eval_forward(
     """Output, the running statistics (unchanged), mean (the running mean) and invstd."""
     x, plan, kernels = _setup(x, recipe)
     mean, var, weight, bias = map(_dense, (running_mean, running_var, weight, bias))
+    output = cp.empty_like(x)
+    if plan.channels <= _FUSED_UP_TO:  # one launch: every block computes the channels' vectors
+        invstd = cp.empty(int(plan.channels), dtype=x.dtype)
+        kernels["eval"](
+            plan.apply_grid,
+            _BLOCK,
+            (
+                x,
+                output,
+                plan.size,
+                plan.channels,
+                plan.inner,
+                np.float64(eps),
+                mean,
+                var,
+                invstd if weight is None else weight,
+                invstd if bias is None else bias,
+                _NO if weight is None else _YES,
+                _NO if bias is None else _YES,
+                invstd,
+            ),
+        )
+        return output, running_mean, running_var, running_mean, invstd
     vectors = cp.empty((5, int(plan.channels)), dtype=x.dtype)
     kernels["eval_vectors"](
         plan.vector_grid,
@@ -512,7 +619,6 @@ def eval_forward(
             vectors,
         ),
     )
-    output = cp.empty_like(x)
     kernels["apply"](
         plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, vectors, _ROW[plan.wide][1])
     )
