@@ -282,16 +282,38 @@ def main() -> int:
         for offset, spread in ((1e12, 1.0), (1e300, 1e299), (0.0, 1e-300)):
             forward(offset + spread * rng.normal(size=(8, 3, 4, 4)), "float64", truth="agnostic")
 
-    # The one-launch output kernels (C <= _FUSED_UP_TO), then the separate vector kernels.
+    # The one-launch output kernels (C <= _FUSED_UP_TO, training also on large grids), then the
+    # separate vector kernels.
+    default_grid = _cupy_fast._FUSED_TRAIN_GRID
+    _cupy_fast._FUSED_TRAIN_GRID = 16
     for fused_up_to in (_cupy_fast._FUSED_UP_TO, 0):
         _cupy_fast._FUSED_UP_TO = fused_up_to
         cases(np.random.default_rng(2), backward_too=fused_up_to > 0)
+    _cupy_fast._FUSED_UP_TO, _cupy_fast._FUSED_TRAIN_GRID = 1024, default_grid
+    launched: list[str] = []
+    compiled = _cupy_fast._kernels
+
+    def recording(*args: Any) -> dict[str, Any]:
+        kernels = compiled(*args)
+        return {name: lambda *a, _n=name: (launched.append(_n), kernels[_n](*a))[1] for name in kernels}
+
+    _cupy_fast._kernels = recording
+    for shape, sequence in (
+        ((2, 3, 5), ["stats1", "stats2", "train_apply"]),
+        ((8, 3, 40, 40), ["stats1", "stats2", "train_vectors", "apply"]),
+    ):
+        launched.clear()
+        forward(np.random.default_rng(4).normal(size=shape), "float32")
+        if launched != sequence:  # by default training fuses only grids of one block per multiprocessor
+            failures.append(f"{shape}: launched {launched}, expected {sequence}")
+    _cupy_fast._kernels = compiled
     rng = np.random.default_rng(3)
     _cupy_fast._WIDE_FROM = 0  # the 64-bit index kernels
     _cupy_fast._plan.cache_clear()
     x_host = -1.0 + rng.normal(size=(8, 3, 40, 40))
     for fused_up_to in (1024, 0):
         _cupy_fast._FUSED_UP_TO = fused_up_to
+        _cupy_fast._FUSED_TRAIN_GRID = 16
         forward(x_host, "float32")
         forward(x_host, "float64", training=False)
     backward(x_host, "float64")

@@ -88,7 +88,9 @@ def fused(request, cp, monkeypatch):
     vectors in every block (C <= _FUSED_UP_TO), and the separate vector kernel."""
     from portable_bn import _cupy_fast
 
-    if not request.param:
+    if request.param:
+        monkeypatch.setattr(_cupy_fast, "_FUSED_TRAIN_GRID", 16)  # every grid _plan makes
+    else:
         monkeypatch.setattr(_cupy_fast, "_FUSED_UP_TO", 0)
     return request.param
 
@@ -154,6 +156,19 @@ def launches(cp, monkeypatch):
     return names
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_training_fuses_only_small_grids(cp, launches, dtype):
+    """By default training saves the vector launch only where the output grid has at most one
+    block per multiprocessor (a large grid would repeat the vector work in every block)."""
+    for shape, fused in (((2, 4, 3, 3), True), ((32, 64, 56, 56), False)):
+        launches.clear()
+        pbn.batch_norm(cp.ones(shape, dtype=dtype), training=True)
+        assert launches == _KERNEL_SEQUENCES[True, fused], shape
+        launches.clear()
+        pbn.batch_norm(cp.ones(shape, dtype=dtype), cp.zeros(shape[1], dtype), cp.ones(shape[1], dtype))
+        assert launches == _KERNEL_SEQUENCES[False, True], shape
+
+
 _KERNEL_SEQUENCES = {
     (True, True): ["stats1", "stats2", "train_apply"],
     (True, False): ["stats1", "stats2", "train_vectors", "apply"],
@@ -165,9 +180,12 @@ _KERNEL_SEQUENCES = {
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape_axis", [((3, 1024, 5), 1), ((4, 1025), 1), ((2, 3, 2100), -1)])
-def test_many_channels(cp, spy, launches, dtype, training, shape_axis):
+def test_many_channels(cp, spy, launches, monkeypatch, dtype, training, shape_axis):
     """The fused output kernels hold 1024 channels' vectors in shared memory: at that limit
     they run, beyond it the separate vector kernel does."""
+    from portable_bn import _cupy_fast
+
+    monkeypatch.setattr(_cupy_fast, "_FUSED_TRAIN_GRID", 16)
     shape, axis = shape_axis
     x_host = 1.0 + np.random.default_rng(9).normal(size=shape)
     _check(cp, x_host, dtype, training=training, axis=axis)

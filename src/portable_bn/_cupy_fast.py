@@ -8,7 +8,8 @@ training call on ResNet-like shapes (H200, four kernels: 0.65 to 2.4 x cuDNN;
 eval 0.6 to 1.9 x; backward 0.3 to 0.7 x autograd; docs/performance). Each
 launch costs about 7 us of CuPy's Python and driver time, so the output kernels
 also compute the per-channel vectors where up to 1024 channels fit in a block's
-shared memory (one launch fewer in training, eval a single launch). Here, for
+shared memory: eval is a single launch, and training saves one where the output
+grid is small (``_FUSED_TRAIN_GRID``). Here, for
 float32 and float64 input of any shape and channel axis (viewed as
 ``(N, C, L)``; a non-contiguous input is first copied to C order):
 
@@ -25,10 +26,10 @@ float32 and float64 input of any shape and channel axis (viewed as
   mean(d)**2``, ``eps * p**2`` kept normal), the running update (PyTorch's
   rule with ``_agnostic.updated_running_stats``'s roundings in the input's
   dtype, ``skip_nonfinite`` included) and the output's per-channel
-  ``p, m0 * p, scale, shift`` (for C <= 1024 every block of the output kernel
-  does this for all channels into shared memory, summing the partials in one
-  order, so every block has the same bits, and block 0 writes the returned
-  vectors; beyond 1024 channels a kernel of its own does it); the output kernel
+  ``p, m0 * p, scale, shift`` (for C <= 1024 and a small output grid every
+  block of the output kernel does this for all channels into shared memory,
+  summing the partials in one order, so every block has the same bits, and
+  block 0 writes the returned vectors; otherwise a kernel of its own does it); the output kernel
   writes ``y = (x * p - m0 * p) * scale + shift``, the part of the float64 mean that
   ``m0 * p`` rounded to the dtype leaves out travelling in ``shift``
   (docs/accuracy). A float64 sum of float32 data can neither overflow nor
@@ -406,6 +407,13 @@ _KERNELS = (
 )
 _WIDE_FROM = 2**31  # inputs of this many elements or more index with long long (tests lower it)
 _FUSED_UP_TO = 1024  # channels for the one-launch output kernels: PBN_VECTOR_CAP at most (tests lower it)
+_FUSED_TRAIN_GRID = 1
+"""Training fuses the vector kernel into the output kernel only while the output grid has at
+most this many blocks per multiprocessor: every block repeats the vector work (C channels'
+partial sums and float64 divisions), which on a full grid cost more GPU time than the launch
+it saves (H200, the benchmark's large shapes: 6 of 8 training rows slower, by 6 % on average;
+float64 (2,4,3,3): 9 us faster). Eval's vector work is a square root and a division per
+channel, and its one-launch kernel was faster on every shape. (Tests raise it to 16.)"""
 
 
 @functools.cache
@@ -444,6 +452,7 @@ class _Plan(NamedTuple):
     apply_grid: tuple[int]
     vector_grid: tuple[int]
     workspace: int  # float64 values: 5 per reduction block, 2 per channel
+    multiprocessors: int
 
 
 @functools.lru_cache(maxsize=256)
@@ -475,6 +484,7 @@ def _plan(shape: tuple[int, ...], channel_axis: int, multiprocessors: int) -> _P
         apply_grid=(max(1, min(-(-size // _THREADS), 16 * multiprocessors)),),
         vector_grid=(-(-channels // 128),),
         workspace=5 * channels * blocks + 2 * channels,
+        multiprocessors=multiprocessors,
     )
 
 
@@ -535,7 +545,7 @@ def train_forward(
     work = cp.empty(plan.workspace, dtype=cp.float64)
     kernels["stats1"](plan.reduce_grid, _BLOCK, (x, *plan.loop, sum_scale, work))
     kernels["stats2"](plan.reduce_grid, _BLOCK, (x, *plan.loop, unscale, cap, work, plan.reductions))
-    fused = plan.channels <= _FUSED_UP_TO
+    fused = plan.channels <= _FUSED_UP_TO and plan.apply_grid[0] <= _FUSED_TRAIN_GRID * plan.multiprocessors
     vectors = cp.empty((4 if fused else 8, int(plan.channels)), dtype=x.dtype)
     statistics = (
         plan.channels,
@@ -560,7 +570,7 @@ def train_forward(
         vectors,
     )
     output = cp.empty_like(x)
-    if fused:  # one launch: every block computes the channels' vectors in shared memory
+    if fused:  # one launch fewer: every block computes the channels' vectors in shared memory
         kernels["train_apply"](
             plan.apply_grid, _BLOCK, (x, output, plan.size, plan.channels, plan.inner, *statistics[1:])
         )
