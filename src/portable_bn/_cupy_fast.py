@@ -513,6 +513,17 @@ _YES, _NO = np.int32(1), np.int32(0)
 _ROW = {wide: [(np.int64 if wide else np.uint32)(row) for row in range(8)] for wide in (False, True)}
 
 
+def _affine(weight: Any, bias: Any, stand_in: Any) -> tuple[Any, Any, np.int32, np.int32]:
+    """The kernels' ``weight, bias, has_weight, has_bias`` arguments: a None vector becomes
+    ``stand_in`` (any array of the dtype; the kernel does not read it) and a 0 flag."""
+    return (
+        stand_in if weight is None else weight,
+        stand_in if bias is None else bias,
+        _NO if weight is None else _YES,
+        _NO if bias is None else _YES,
+    )
+
+
 def _dtype_scalars(sum_scale: float, cap: int) -> tuple[np.float64, np.float64, np.int32, np.float64]:
     """The kernels' per-dtype scalars: pass 1 sums ``x * sum_scale``, then ``1 / sum_scale``,
     :func:`._agnostic.power_of_two_scale`'s cap and ``2**-cap``, the smallest normal number."""
@@ -556,10 +567,7 @@ def train_forward(
         plan.bessel,
         work,
         plan.reductions,
-        vectors if weight is None else weight,
-        vectors if bias is None else bias,
-        _NO if weight is None else _YES,
-        _NO if bias is None else _YES,
+        *_affine(weight, bias, vectors),
         vectors if running_mean is None else running_mean,
         vectors if running_var is None else running_var,
         _NO if running_mean is None else _YES,
@@ -605,10 +613,7 @@ def eval_forward(
                 np.float64(eps),
                 mean,
                 var,
-                invstd if weight is None else weight,
-                invstd if bias is None else bias,
-                _NO if weight is None else _YES,
-                _NO if bias is None else _YES,
+                *_affine(weight, bias, invstd),
                 invstd,
             ),
         )
@@ -622,10 +627,7 @@ def eval_forward(
             np.float64(eps),
             mean,
             var,
-            vectors if weight is None else weight,
-            vectors if bias is None else bias,
-            _NO if weight is None else _YES,
-            _NO if bias is None else _YES,
+            *_affine(weight, bias, vectors),
             vectors,
         ),
     )
