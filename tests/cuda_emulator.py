@@ -284,18 +284,24 @@ def main() -> int:
 
     # The one-launch output kernels (C <= _FUSED_UP_TO, training also on large grids), then the
     # separate vector kernels.
-    default_grid = _cupy_fast._FUSED_TRAIN_GRID
+    defaults = _cupy_fast._FUSED_UP_TO, _cupy_fast._FUSED_TRAIN_GRID
     _cupy_fast._FUSED_TRAIN_GRID = 16
-    for fused_up_to in (_cupy_fast._FUSED_UP_TO, 0):
+    for fused_up_to in (defaults[0], 0):
         _cupy_fast._FUSED_UP_TO = fused_up_to
         cases(np.random.default_rng(2), backward_too=fused_up_to > 0)
-    _cupy_fast._FUSED_UP_TO, _cupy_fast._FUSED_TRAIN_GRID = 1024, default_grid
+    _cupy_fast._FUSED_UP_TO, _cupy_fast._FUSED_TRAIN_GRID = defaults
     launched: list[str] = []
     compiled = _cupy_fast._kernels
 
     def recording(*args: Any) -> dict[str, Any]:
-        kernels = compiled(*args)
-        return {name: lambda *a, _n=name: (launched.append(_n), kernels[_n](*a))[1] for name in kernels}
+        def launcher(name: str, kernel: Any) -> Any:
+            def launch(*launch_args: Any) -> None:
+                launched.append(name)
+                kernel(*launch_args)
+
+            return launch
+
+        return {name: launcher(name, kernel) for name, kernel in compiled(*args).items()}
 
     _cupy_fast._kernels = recording
     for shape, sequence in (
@@ -311,11 +317,12 @@ def main() -> int:
     _cupy_fast._WIDE_FROM = 0  # the 64-bit index kernels
     _cupy_fast._plan.cache_clear()
     x_host = -1.0 + rng.normal(size=(8, 3, 40, 40))
-    for fused_up_to in (1024, 0):
+    _cupy_fast._FUSED_TRAIN_GRID = 16
+    for fused_up_to in (defaults[0], 0):
         _cupy_fast._FUSED_UP_TO = fused_up_to
-        _cupy_fast._FUSED_TRAIN_GRID = 16
         forward(x_host, "float32")
         forward(x_host, "float64", training=False)
+    _cupy_fast._FUSED_UP_TO, _cupy_fast._FUSED_TRAIN_GRID = defaults
     backward(x_host, "float64")
     for failure in failures:
         print("FAIL", failure)
