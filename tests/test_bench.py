@@ -49,10 +49,9 @@ def test_naive_forward_matches_batch_norm(shape, training):
     data = bench_module.host_data(shape, "float64", seed=1)
     args = [data[key] for key in ("x", "running_mean", "running_var", "weight", "bias")]
     expected = pbn.batch_norm(*args, training=training, momentum=0.3)
-    output, running_mean, running_var = bench_module.naive_batch_norm(np, *args, training=training, momentum=0.3)
-    np.testing.assert_allclose(output, expected.output, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(running_mean, expected.running_mean, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(running_var, expected.running_var, rtol=1e-12, atol=1e-12)
+    got = bench_module.naive_batch_norm(np, *args, training=training, momentum=0.3)
+    for name, mine in zip(("output", "running_mean", "running_var", "mean", "invstd"), got, strict=True):
+        np.testing.assert_allclose(mine, getattr(expected, name), rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 3, 3), (5, 3), (3, 2, 4)])

@@ -165,3 +165,53 @@ def test_jit_backward_sums_on_ordinary_and_offset_data(jnp, dtype, training, off
         assert got.dtype == x.dtype
         assert max_error(np.asarray(got), expected) <= tolerance(dtype)
         assert max_error(np.asarray(got), np.asarray(slow)) <= tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["offset-1e6", "magnitude-3e37", "near-largest", "overflowing-sum", "constant", "nan"])
+def test_variadic_first_pass_equals_four_reductions(jnp, dtype, case):
+    """The GPU route's pass 1 (one variadic lax.reduce) gives the four reductions'
+    minima and maxima exactly and their sums to rounding, and the same statistics, under
+    jit and vmap, on ordinary, overflowing, constant and NaN data;
+    and the statistics' gradients through it are the four reductions' (mean0 does not
+    enter them to first order)."""
+    import jax
+
+    from portable_bn import _jax_fast
+    from test_numerics import _fused_case
+
+    host = _fused_case(case, dtype)
+    with np.errstate(over="ignore"):
+        x = jnp.asarray(host.astype(dtype))
+    recipe = make_recipe(x.shape, 1)
+    shrink = 2.0**-64 if dtype == "float32" else 2.0**-512
+    four = jax.jit(lambda x: _agnostic.first_pass(jnp, x, recipe, shrink))(x)
+    one = jax.jit(lambda x: _jax_fast.variadic_first_pass(jnp, x, recipe, shrink))(x)
+    for name, want, got in zip(("min", "max", "sum", "shrunk sum"), four, one, strict=True):
+        assert got.dtype == want.dtype == x.dtype
+        if name in ("min", "max"):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+        else:  # summed in another order: the last bits may differ
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance(dtype), atol=0, err_msg=name)
+    stats = {
+        first: _agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first)[0]
+        for first in (_agnostic.first_pass, _jax_fast.variadic_first_pass)
+    }
+    for want, got in zip(*stats.values(), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance(dtype), atol=0)
+    batched = jax.vmap(lambda x: _jax_fast.variadic_first_pass(jnp, x, recipe, shrink))(jnp.stack([x, -x]))
+    np.testing.assert_array_equal(np.asarray(batched[1][0]), np.asarray(four[1]))  # max of x
+    np.testing.assert_array_equal(np.asarray(batched[0][1]), np.asarray(-four[1]))  # min of -x
+    if case in ("offset-1e6", "constant"):
+
+        def invstd_sum(x, first):
+            return jnp.sum(_agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first)[0].invstd)
+
+        def mean_sum(x, first):
+            return jnp.sum(_agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first)[0].mean * jnp.arange(3.0))
+
+        for loss in (invstd_sum, mean_sum):
+            want = jax.grad(loss)(x, _agnostic.first_pass)
+            got = jax.grad(loss)(x, _jax_fast.variadic_first_pass)
+            assert float(jnp.max(jnp.abs(want))) > 0
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance(dtype), atol=0)

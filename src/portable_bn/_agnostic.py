@@ -8,6 +8,7 @@ arguments. The rules implemented here are PyTorch's (see docs/semantics.rst).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -157,7 +158,22 @@ def _scaled_epsilon(xp: ModuleType, eps: float, scale: Any) -> Any:
     return xp.maximum(eps * scale * scale, xp.full_like(scale, xp.finfo(scale.dtype).smallest_normal))
 
 
-def fused_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Centered]:
+def first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any, Any]:
+    """:func:`fused_statistics`' first pass, four reductions of ``x_compute``:
+    ``(min, max, sum(x), sum(x * shrink))`` per channel."""
+    axes = recipe.reduce_axes
+    low, high = xp.min(x_compute, axis=axes), xp.max(x_compute, axis=axes)
+    return low, high, xp.sum(x_compute, axis=axes), xp.sum(x_compute * shrink, axis=axes)
+
+
+def fused_statistics(
+    xp: ModuleType,
+    x_compute: Any,
+    recipe: Recipe,
+    eps: float,
+    *,
+    first: Callable[[ModuleType, Any, Recipe, float], tuple[Any, Any, Any, Any]] = first_pass,
+) -> tuple[Statistics, Centered]:
     """:func:`batch_statistics` with ``prescale=True``, in two reading passes of ``x``
     instead of three, for compilers that can compute several reductions of one input
     in one pass (XLA on GPUs).
@@ -170,13 +186,11 @@ def fused_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float)
     corrected algorithm's, on ``x`` times the prescale: ``mean0`` need not be exact, only
     close (the residual corrects it), and it is as close as the agnostic ``mean0``.
     NaN and Inf give NaN statistics, as there. Float32/float64 input, a non-empty batch.
-    ``Centered.values`` is None: form it with :func:`recentered`.
+    ``Centered.values`` is None: form it with :func:`recentered`. ``first`` computes
+    pass 1 (:func:`first_pass`'s four results; a backend may compute them together).
     """
-    axes = recipe.reduce_axes
-    low, high = xp.min(x_compute, axis=axes), xp.max(x_compute, axis=axes)
-    total = xp.sum(x_compute, axis=axes)
     shrink = 2.0 ** -(math.frexp(float(xp.finfo(x_compute.dtype).max))[1] // 2)
-    shrunk_total = xp.sum(x_compute * shrink, axis=axes)
+    low, high, total, shrunk_total = first(xp, x_compute, recipe, shrink)
     scale = power_of_two_scale(xp, low, high)
     count = float(recipe.count_per_channel)
     mean0 = xp.where(xp.isfinite(total), total / count * scale, shrunk_total / count * (scale / shrink))

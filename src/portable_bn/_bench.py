@@ -18,7 +18,8 @@ Baselines:
   ``torch.autograd.grad`` through its graph, built once outside the timed
   region, so only the backward is timed on both sides;
 - JAX: the same textbook implementation written with ``jax.numpy``; both
-  sides under ``jax.jit``, waited for with ``jax.block_until_ready``.
+  sides under ``jax.jit``, returning the same five results, waited for with
+  ``jax.block_until_ready``.
 
 The peak extra memory of the NumPy training forward is measured with
 :mod:`tracemalloc` (NumPy reports its data buffers to it).
@@ -101,10 +102,12 @@ def naive_batch_norm(
     training: bool,
     momentum: float = MOMENTUM,
     eps: float = EPS,
-) -> tuple[Any, Any, Any]:
-    """The textbook forward (channel axis 1) with NumPy-style methods:
-    ``(output, new running_mean, new running_var)``. Works for NumPy, CuPy and
-    ``jax.numpy`` (``xp`` gives ``sqrt``)."""
+) -> tuple[Any, Any, Any, Any, Any]:
+    """The textbook forward (channel axis 1) with NumPy-style methods, returning
+    what :func:`portable_bn.batch_norm` returns: ``(output, new running_mean,
+    new running_var, mean, invstd)`` (the last two are what a backward needs;
+    under ``jax.jit`` each result is an output buffer, so both sides produce
+    the same ones). Works for NumPy, CuPy and ``jax.numpy`` (``xp`` gives ``sqrt``)."""
     axes, param, count = _nchw(x)
     if training:
         mean = x.mean(axis=axes)
@@ -114,7 +117,7 @@ def naive_batch_norm(
     else:
         mean, var = running_mean, running_var
     output = (x - mean.reshape(param)) / xp.sqrt(var.reshape(param) + eps) * weight.reshape(param) + bias.reshape(param)
-    return output, running_mean, running_var
+    return output, running_mean, running_var, mean, 1 / xp.sqrt(var + eps)
 
 
 def naive_batch_norm_backward(grad_output: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, Any, Any]:

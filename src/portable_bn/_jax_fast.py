@@ -80,6 +80,40 @@ def _cpu_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) 
     )
 
 
+def variadic_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any, Any]:
+    """:func:`._agnostic.first_pass` as ONE variadic ``lax.reduce``: XLA on a GPU
+    emits a kernel pair (partial and final reduction) per reduction, so four
+    reductions of ``x`` cost four final kernels; this costs one. The same minima
+    and maxima; the sums in another order, so they may differ in the last bits
+    (``mean0`` need only be close: the second pass's residual corrects it).
+
+    The input has its gradient stopped: ``lax.reduce`` with a general computation
+    has no derivative rule, and none is needed. The scale is a power of two (zero
+    derivative) and ``mean0`` only centres the second pass, whose results do not
+    depend on it to first order (``mean = mean0 + mean(x - mean0)``, and the
+    variance is stationary in ``mean0``)."""
+    x_values = jax.lax.stop_gradient(x_compute)
+    inf = float("inf")
+
+    def combine(left: tuple[Any, ...], right: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (
+            jax.lax.min(left[0], right[0]),
+            jax.lax.max(left[1], right[1]),
+            jax.lax.add(left[2], right[2]),
+            jax.lax.add(left[3], right[3]),
+        )
+
+    zero = xp.zeros((), dtype=x_values.dtype)
+    operands = (x_values, x_values, x_values, x_values * shrink)
+    init = (zero + inf, zero - inf, zero, zero)
+    low, high, total, shrunk_total = jax.lax.reduce(operands, init, combine, recipe.reduce_axes)
+    return low, high, total, shrunk_total
+
+
+#: pass 1 of the GPU statistics (the probe of the third GPU session compares both).
+FIRST_PASS = variadic_first_pass
+
+
 def train_statistics(
     xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float
 ) -> tuple[_agnostic.Statistics, _agnostic.Centered]:
@@ -88,7 +122,7 @@ def train_statistics(
     the ``lax.cond`` route on the CPU, :func:`._agnostic.fused_statistics` elsewhere."""
     stats, centered = jax.lax.platform_dependent(
         cpu=lambda: _cpu_statistics(xp, x_compute, recipe, eps),
-        default=lambda: _agnostic.fused_statistics(xp, x_compute, recipe, eps),
+        default=lambda: _agnostic.fused_statistics(xp, x_compute, recipe, eps, first=FIRST_PASS),
     )
     return stats, _agnostic.recentered(xp, x_compute, centered, recipe)
 
