@@ -180,8 +180,9 @@ def test_variadic_first_pass_equals_four_reductions(jnp, dtype, case):
     from portable_bn import _jax_fast
     from test_numerics import _fused_case
 
-    chosen = _jax_fast.gpu_first_pass(jnp, getattr(jnp, dtype))
-    assert chosen is (_jax_fast.variadic_first_pass if dtype == "float32" else _agnostic.first_pass)
+    for size, variadic in ((_jax_fast.VARIADIC_FROM, dtype == "float32"), (_jax_fast.VARIADIC_FROM - 1, False)):
+        chosen = _jax_fast.gpu_first_pass(jnp, jnp.zeros((size, 1), dtype=getattr(jnp, dtype)))
+        assert chosen is (_jax_fast.variadic_first_pass if variadic else _agnostic.first_pass)
     host = _fused_case(case, dtype)
     with np.errstate(over="ignore"):
         x = jnp.asarray(host.astype(dtype))

@@ -34,8 +34,8 @@ prescaled, with the prescale's ``min``/``max`` and the sum for ``mean0`` taken
 in one pass and the corrected algorithm's two sums in a second, each pass a set
 of reductions of one input that XLA can compute together (measured 1.13 to 1.41
 x the textbook code, which reads ``x`` as often; per call that is 17 to 69 us).
-XLA emits a final-reduction kernel for each of pass 1's four reductions; in
-float32 they are one variadic ``lax.reduce`` (:func:`gpu_first_pass`).
+XLA emits a final-reduction kernel for each of pass 1's four reductions; for
+large float32 inputs they are one variadic ``lax.reduce`` (:func:`gpu_first_pass`).
 
 ``tests/test_jax.py`` checks which branch each kind of data takes, and that
 every branch equals the float64 reference and the agnostic path
@@ -44,6 +44,7 @@ every branch equals the float64 reference and the agnostic path
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
@@ -112,16 +113,23 @@ def variadic_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: 
     return low, high, total, shrunk_total
 
 
-def gpu_first_pass(xp: ModuleType, dtype: Any) -> Any:
-    """Pass 1 of the GPU statistics for ``dtype``: :func:`variadic_first_pass` for
-    float32, :func:`._agnostic.first_pass` (four reductions) for float64. Measured on
-    an H200 (the third GPU session, both traced in one process, interleaved): the
-    variadic reduce took the training forward from 11 XLA kernels to 8 on three of
-    the four ResNet-like shapes (7 either way on (8, 32, 128, 128)); in float32 it
-    was 0.6 to 4.7 % faster on those three and equal on the fourth; in float64 1 to
-    4 % faster on the three and 15 % slower on (8, 32, 128, 128), so float64 keeps
-    the four reductions."""
-    return variadic_first_pass if dtype == xp.float32 else _agnostic.first_pass
+#: Inputs of at least this many elements take the variadic first pass (float32).
+VARIADIC_FROM = 2**20
+
+
+def gpu_first_pass(xp: ModuleType, x_compute: Any) -> Any:
+    """Pass 1 of the GPU statistics for ``x_compute``: :func:`variadic_first_pass`
+    for float32 inputs of at least :data:`VARIADIC_FROM` elements, else
+    :func:`._agnostic.first_pass` (four reductions). Measured on an H200 (the third
+    GPU session; both traced in one process, interleaved; two runs): on three of
+    the four ResNet-like shapes the variadic reduce took the training forward from
+    11 XLA kernels to 8 (7 either way on (8, 32, 128, 128)); float32 was 0 to 5 %
+    faster; float64 1 to 4 % faster on those three but 15 to 36 % slower on
+    (8, 32, 128, 128); the (2, 4, 3, 3) call went from 3 kernels to 4 and 5 to 8 %
+    slower. Sizes between 72 and 2**20 elements were not measured; 2**20 is the
+    benchmark's boundary of a large input."""
+    use_variadic = x_compute.dtype == xp.float32 and math.prod(x_compute.shape) >= VARIADIC_FROM
+    return variadic_first_pass if use_variadic else _agnostic.first_pass
 
 
 def train_statistics(
@@ -132,9 +140,7 @@ def train_statistics(
     the ``lax.cond`` route on the CPU, :func:`._agnostic.fused_statistics` elsewhere."""
     stats, centered = jax.lax.platform_dependent(
         cpu=lambda: _cpu_statistics(xp, x_compute, recipe, eps),
-        default=lambda: _agnostic.fused_statistics(
-            xp, x_compute, recipe, eps, first=gpu_first_pass(xp, x_compute.dtype)
-        ),
+        default=lambda: _agnostic.fused_statistics(xp, x_compute, recipe, eps, first=gpu_first_pass(xp, x_compute)),
     )
     return stats, _agnostic.recentered(xp, x_compute, centered, recipe)
 
