@@ -123,10 +123,10 @@ def gpu_first_pass(xp: ModuleType, x_compute: Any) -> Any:
     :func:`._agnostic.first_pass` (four reductions). Measured on an H200 (the third
     GPU session; both traced in one process, interleaved; two runs): on three of
     the four ResNet-like shapes the variadic reduce took the training forward from
-    11 XLA kernels to 8 (7 either way on (8, 32, 128, 128)); float32 was 0 to 5 %
-    faster; float64 1 to 4 % faster on those three but 15 to 36 % slower on
-    (8, 32, 128, 128); the (2, 4, 3, 3) call went from 3 kernels to 4 and 5 to 8 %
-    slower. Sizes between 72 and 2**20 elements were not measured; 2**20 is the
+    11 XLA kernels to 8 (7 either way on (8, 32, 128, 128)); float32 was between
+    0.2 % slower and 4.7 % faster; float64 between 2.4 % slower and 4 % faster on
+    those three and 15 to 36 % slower on (8, 32, 128, 128); the (2, 4, 3, 3) call
+    went from 3 kernels to 4 and was 5 to 8 % slower. Sizes between 72 and 2**20 elements were not measured; 2**20 is the
     benchmark's boundary of a large input."""
     use_variadic = x_compute.dtype == xp.float32 and math.prod(x_compute.shape) >= VARIADIC_FROM
     return variadic_first_pass if use_variadic else _agnostic.first_pass
