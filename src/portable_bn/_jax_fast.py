@@ -84,9 +84,10 @@ def _cpu_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) 
 
 
 def variadic_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any, Any]:
-    """:func:`._agnostic.first_pass` as ONE variadic ``lax.reduce``: XLA on a GPU
-    emits a kernel pair (partial and final reduction) per reduction, so four
-    reductions of ``x`` cost four final kernels; this costs one. The same minima
+    """:func:`._agnostic.first_pass` as ONE variadic ``lax.reduce``. XLA on a GPU
+    splits a large reduction into a partial and a final kernel; it merged the four
+    reductions' partial kernels into one but kept four final kernels (read from
+    the compiled HLO); this has one of each. The same minima
     and maxima; the sums in another order, so they may differ in the last bits
     (``mean0`` need only be close: the second pass's residual corrects it).
 
@@ -126,8 +127,8 @@ def gpu_first_pass(xp: ModuleType, x_compute: Any) -> Any:
     11 XLA kernels to 8 (7 either way on (8, 32, 128, 128)); float32 was between
     0.2 % slower and 4.7 % faster; float64 between 2.4 % slower and 4 % faster on
     those three and 15 to 36 % slower on (8, 32, 128, 128); the (2, 4, 3, 3) call
-    went from 3 kernels to 4 and was 5 to 8 % slower. Sizes between 72 and 2**20 elements were not measured; 2**20 is the
-    benchmark's boundary of a large input."""
+    went from 3 kernels to 4 and was 5 to 8 % slower. Sizes between 72 and 2**20
+    elements were not measured; 2**20 is the benchmark's boundary of a large input."""
     use_variadic = x_compute.dtype == xp.float32 and math.prod(x_compute.shape) >= VARIADIC_FROM
     return variadic_first_pass if use_variadic else _agnostic.first_pass
 
