@@ -116,8 +116,9 @@ def naive_batch_norm(
         running_var = (1 - momentum) * running_var + momentum * var * (count / (count - 1))
     else:
         mean, var = running_mean, running_var
-    output = (x - mean.reshape(param)) / xp.sqrt(var.reshape(param) + eps) * weight.reshape(param) + bias.reshape(param)
-    return output, running_mean, running_var, mean, 1 / xp.sqrt(var + eps)
+    std = xp.sqrt(var + eps)
+    output = (x - mean.reshape(param)) / std.reshape(param) * weight.reshape(param) + bias.reshape(param)
+    return output, running_mean, running_var, mean, 1 / std
 
 
 def naive_batch_norm_backward(grad_output: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, Any, Any]:
