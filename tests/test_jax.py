@@ -167,54 +167,105 @@ def test_jit_backward_sums_on_ordinary_and_offset_data(jnp, dtype, training, off
         assert max_error(np.asarray(got), np.asarray(slow)) <= tolerance(dtype)
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype", "route"),
+    [
+        ((256, 512, 7, 7), "float32", "batch first"),  # rows of 49: too short
+        ((256, 512, 7, 7), "float64", "batch first"),
+        ((8, 32, 128, 128), "float32", "batch first"),  # 256 rows: too few
+        ((64, 256, 14, 14), "float32", "variadic"),
+        ((64, 256, 14, 14), "float64", "three reductions"),
+        ((32, 64, 56, 56), "float32", "variadic"),
+        ((2**20, 1), "float32", "variadic"),  # one element per row: nothing to reduce first
+        ((2**20 - 1, 1), "float32", "three reductions"),
+        ((4, 8, 7, 7), "float32", "three reductions"),  # short rows, but a small call
+        ((2, 4, 3, 3), "float64", "three reductions"),
+    ],
+)
+def test_gpu_passes_by_shape_and_dtype(jnp, shape, dtype, route):
+    """The GPU route's choice of reductions (only shapes and dtypes decide it)."""
+    import jax
+
+    from portable_bn import _jax_fast
+
+    x = jax.ShapeDtypeStruct(shape, getattr(jnp, dtype))
+    chosen = _jax_fast.gpu_passes(jnp, x, make_recipe(shape, 1))
+    expected = {
+        "batch first": (_jax_fast.batch_first_first_pass, _jax_fast.batch_first_sums),
+        "variadic": (_jax_fast.variadic_first_pass, None),
+        "three reductions": (_agnostic.first_pass, None),
+    }[route]
+    assert chosen == expected
+    assert not _jax_fast.batch_first_layout((8, 32, 128, 128), make_recipe((8, 32, 128, 128), 0))  # nothing before C
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", ["offset-1e6", "magnitude-3e37", "near-largest", "overflowing-sum", "constant", "nan"])
-def test_variadic_first_pass_equals_four_reductions(jnp, dtype, case):
-    """The GPU route's pass 1 (one variadic lax.reduce) gives the four reductions'
-    minima and maxima exactly and their sums to rounding, and the same statistics, under
-    jit and vmap, on ordinary, overflowing, constant and NaN data;
-    and the statistics' gradients through it are the four reductions' (mean0 does not
+def test_gpu_passes_equal_the_agnostic_reductions(jnp, dtype, case):
+    """The GPU route's passes (one variadic lax.reduce; batch axes first) give the agnostic
+    reductions' minima and maxima exactly and their sums to rounding, and the same
+    statistics, under jit and vmap, on ordinary, overflowing, constant and NaN data;
+    and the statistics' gradients through them are the agnostic ones (mean0 does not
     enter them to first order)."""
     import jax
 
     from portable_bn import _jax_fast
     from test_numerics import _fused_case
 
-    for size, variadic in ((_jax_fast.VARIADIC_FROM, dtype == "float32"), (_jax_fast.VARIADIC_FROM - 1, False)):
-        chosen = _jax_fast.gpu_first_pass(jnp, jnp.zeros((size, 1), dtype=getattr(jnp, dtype)))
-        assert chosen is (_jax_fast.variadic_first_pass if variadic else _agnostic.first_pass)
     host = _fused_case(case, dtype)
     with np.errstate(over="ignore"):
         x = jnp.asarray(host.astype(dtype))
     recipe = make_recipe(x.shape, 1)
-    shrink = 2.0**-64 if dtype == "float32" else 2.0**-512
-    four = jax.jit(lambda x: _agnostic.first_pass(jnp, x, recipe, shrink))(x)
-    one = jax.jit(lambda x: _jax_fast.variadic_first_pass(jnp, x, recipe, shrink))(x)
-    for name, want, got in zip(("min", "max", "sum", "shrunk sum"), four, one, strict=True):
-        assert got.dtype == want.dtype == x.dtype
-        if name in ("min", "max"):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
-        else:  # summed in another order: the last bits may differ
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance(dtype), atol=0, err_msg=name)
-    stats = {
-        first: _agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first)[0]
-        for first in (_agnostic.first_pass, _jax_fast.variadic_first_pass)
+    shrink = 2.0**-9
+    routes = {
+        "variadic": (_jax_fast.variadic_first_pass, None),
+        "batch first": (_jax_fast.batch_first_first_pass, _jax_fast.batch_first_sums),
     }
-    for want, got in zip(*stats.values(), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance(dtype), atol=0)
-    batched = jax.vmap(lambda x: _jax_fast.variadic_first_pass(jnp, x, recipe, shrink))(jnp.stack([x, -x]))
-    np.testing.assert_array_equal(np.asarray(batched[1][0]), np.asarray(four[1]))  # max of x
-    np.testing.assert_array_equal(np.asarray(batched[0][1]), np.asarray(-four[1]))  # min of -x
+    agnostic = jax.jit(lambda x: _agnostic.first_pass(jnp, x, recipe, shrink))(x)
+    for route, (first, _sums) in routes.items():
+        got = jax.jit(lambda x, first=first: first(jnp, x, recipe, shrink))(x)
+        for name, want, value in zip(("min", "max", "shrunk sum"), agnostic, got, strict=True):
+            assert value.dtype == want.dtype == x.dtype
+            if name in ("min", "max"):
+                np.testing.assert_array_equal(np.asarray(value), np.asarray(want), err_msg=f"{route} {name}")
+            else:  # summed in another order: the last bits may differ
+                np.testing.assert_allclose(np.asarray(value), np.asarray(want), rtol=tolerance(dtype), atol=0)
+        batched = jax.vmap(lambda x, first=first: first(jnp, x, recipe, shrink))(jnp.stack([x, -x]))
+        np.testing.assert_array_equal(np.asarray(batched[1][0]), np.asarray(agnostic[1]))  # max of x
+        np.testing.assert_array_equal(np.asarray(batched[0][1]), np.asarray(-agnostic[1]))  # min of -x
+    centered = x - jnp.reshape(agnostic[2] * 2.0**9 / recipe.count_per_channel, recipe.param_shape)
+    got_sums = jax.jit(lambda c: _jax_fast.batch_first_sums(jnp, (c, c * c), recipe))(centered)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for array, value in zip((centered, centered * centered), got_sums, strict=True):
+            terms = np.asarray(array, dtype=np.float64)
+            want, size = np.sum(terms, axis=(0, 2, 3)), np.sum(np.abs(terms), axis=(0, 2, 3))
+            np.testing.assert_allclose(np.asarray(value), want, rtol=0, atol=tolerance(dtype) * np.nanmax(size))
+
+    def statistics(x, first=_agnostic.first_pass, sums=None):
+        return _agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first, sums=sums)[0]
+
+    want = statistics(x)
+    for route, (first, sums) in routes.items():
+        got = jax.jit(lambda x, first=first, sums=sums: statistics(x, first, sums))(x)
+        for name, value, expected in zip(want._fields, got, want, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(value), np.asarray(expected), rtol=tolerance(dtype), atol=0, err_msg=f"{route} {name}"
+            )
+        batched = jax.vmap(lambda x, first=first, sums=sums: statistics(x, first, sums).invstd)(jnp.stack([x, -x]))
+        np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(want.invstd), rtol=tolerance(dtype), atol=0)
     if case in ("offset-1e6", "constant"):
 
-        def invstd_sum(x, first):
-            return jnp.sum(_agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first)[0].invstd)
+        def invstd_sum(x, first, sums):
+            return jnp.sum(statistics(x, first, sums).invstd)
 
-        def mean_sum(x, first):
-            return jnp.sum(_agnostic.fused_statistics(jnp, x, recipe, 1e-5, first=first)[0].mean * jnp.arange(3.0))
+        def mean_sum(x, first, sums):
+            return jnp.sum(statistics(x, first, sums).mean * jnp.arange(3.0))
 
         for loss in (invstd_sum, mean_sum):
-            want = jax.grad(loss)(x, _agnostic.first_pass)
-            got = jax.grad(loss)(x, _jax_fast.variadic_first_pass)
-            assert float(jnp.max(jnp.abs(want))) > 0
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance(dtype), atol=0)
+            want_grad = jax.grad(loss)(x, _agnostic.first_pass, None)
+            assert float(jnp.max(jnp.abs(want_grad))) > 0
+            for route, (first, sums) in routes.items():
+                got_grad = jax.grad(loss)(x, first, sums)
+                np.testing.assert_allclose(
+                    np.asarray(got_grad), np.asarray(want_grad), rtol=tolerance(dtype), atol=0, err_msg=route
+                )

@@ -135,14 +135,29 @@ def batch_statistics(
 
 
 def _corrected(
-    xp: ModuleType, x_compute: Any, mean0: Any, scale: Any, eps_scaled: Any, recipe: Recipe, *, want_var: bool
+    xp: ModuleType,
+    x_compute: Any,
+    mean0: Any,
+    scale: Any,
+    eps_scaled: Any,
+    recipe: Recipe,
+    *,
+    want_var: bool,
+    sums: ChannelSums | None = None,
 ) -> tuple[Statistics, Centered]:
     """The second pass of the corrected two-pass algorithm: ``x_compute`` (already
     multiplied by ``scale``, if any) centred on ``mean0``, the residual mean and the
-    variance; statistics returned in the input's units."""
+    variance; statistics returned in the input's units. ``sums`` (default: ``xp.mean``
+    of each) computes the per-channel sums of the centred values and their squares."""
     centered = x_compute - xp.reshape(mean0, recipe.param_shape)
-    residual = xp.mean(centered, axis=recipe.reduce_axes)
-    batch_var = xp.mean(centered * centered, axis=recipe.reduce_axes) - residual * residual
+    if sums is None:
+        residual = xp.mean(centered, axis=recipe.reduce_axes)
+        mean_square = xp.mean(centered * centered, axis=recipe.reduce_axes)
+    else:
+        count = float(recipe.count_per_channel)
+        total, square_total = sums(xp, (centered, centered * centered), recipe)
+        residual, mean_square = total / count, square_total / count
+    batch_var = mean_square - residual * residual
     invstd = 1.0 / xp.sqrt(batch_var + eps_scaled)
     normalizer = Centered(centered, residual, invstd, mean0, scale)
     mean = mean0 + residual
@@ -158,12 +173,19 @@ def _scaled_epsilon(xp: ModuleType, eps: float, scale: Any) -> Any:
     return xp.maximum(eps * scale * scale, xp.full_like(scale, xp.finfo(scale.dtype).smallest_normal))
 
 
-def first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any, Any]:
-    """:func:`fused_statistics`' first pass, four reductions of ``x_compute``:
-    ``(min, max, sum(x), sum(x * shrink))`` per channel."""
+FirstPass = Callable[[ModuleType, Any, Recipe, float], tuple[Any, Any, Any]]
+"""``first(xp, x_compute, recipe, shrink)`` -> per-channel ``(min(x), max(x), sum(x * shrink))``."""
+
+ChannelSums = Callable[[ModuleType, tuple[Any, ...], Recipe], tuple[Any, ...]]
+"""``sums(xp, arrays, recipe)`` -> the per-channel sum of each full-size array."""
+
+
+def first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
+    """:func:`fused_statistics`' first pass, three reductions of ``x_compute``:
+    ``(min(x), max(x), sum(x * shrink))`` per channel."""
     axes = recipe.reduce_axes
     low, high = xp.min(x_compute, axis=axes), xp.max(x_compute, axis=axes)
-    return low, high, xp.sum(x_compute, axis=axes), xp.sum(x_compute * shrink, axis=axes)
+    return low, high, xp.sum(x_compute * shrink, axis=axes)
 
 
 def fused_statistics(
@@ -172,31 +194,35 @@ def fused_statistics(
     recipe: Recipe,
     eps: float,
     *,
-    first: Callable[[ModuleType, Any, Recipe, float], tuple[Any, Any, Any, Any]] = first_pass,
+    first: FirstPass = first_pass,
+    sums: ChannelSums | None = None,
 ) -> tuple[Statistics, Centered]:
     """:func:`batch_statistics` with ``prescale=True``, in two reading passes of ``x``
     instead of three, for compilers that can compute several reductions of one input
     in one pass (XLA on GPUs).
 
-    Pass 1 takes, side by side, ``min(x)``, ``max(x)`` (for the prescale) and the sums of
-    ``x`` and of ``x * 2**-E`` (E half the dtype's largest exponent, so that sum cannot
-    overflow); ``mean0`` is the mean of ``x`` times the prescale, from the plain sum where
-    that is finite, else from the shrunk one (the plain sum overflows only where every
-    value the shrinking flushes to zero is negligible against the mean). Pass 2 is the
-    corrected algorithm's, on ``x`` times the prescale: ``mean0`` need not be exact, only
-    close (the residual corrects it), and it is as close as the agnostic ``mean0``.
+    Pass 1 takes, side by side, ``min(x)``, ``max(x)`` (for the prescale) and the sum of
+    ``x * 2**-k`` with ``2**k >= n`` (n the count per channel), which cannot overflow;
+    ``mean0`` is that sum times ``2**k`` and the prescale, divided by n. Scaling by a
+    power of two is exact, so this is the mean of ``x`` times the prescale, bit for bit,
+    except where ``x * 2**-k`` is subnormal (``|x|`` below ``2**k`` times the smallest
+    normal number), which costs ``mean0`` bits that pass 2's residual corrects. Pass 2 is
+    the corrected algorithm's, on ``x`` times the prescale: ``mean0`` need not be exact,
+    only close (the residual corrects it), and it is as close as the agnostic ``mean0``.
     NaN and Inf give NaN statistics, as there. Float32/float64 input, a non-empty batch.
     ``Centered.values`` is None: form it with :func:`recentered`. ``first`` computes
-    pass 1 (:func:`first_pass`'s four results; a backend may compute them together).
+    pass 1 (:func:`first_pass`'s three results) and ``sums`` pass 2's two sums (default
+    ``xp.mean``); a backend may compute them in other orders (:mod:`._jax_fast`).
     """
-    shrink = 2.0 ** -(math.frexp(float(xp.finfo(x_compute.dtype).max))[1] // 2)
-    low, high, total, shrunk_total = first(xp, x_compute, recipe, shrink)
+    count = recipe.count_per_channel
+    shrink = 2.0 ** -(count - 1).bit_length()  # 2**-k, k = ceil(log2(n))
+    low, high, shrunk_total = first(xp, x_compute, recipe, shrink)
     scale = power_of_two_scale(xp, low, high)
-    count = float(recipe.count_per_channel)
-    mean0 = xp.where(xp.isfinite(total), total / count * scale, shrunk_total / count * (scale / shrink))
+    mean0 = shrunk_total * (scale / shrink) / float(count)  # scale / shrink: a power of two, exact
     mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
     scaled = x_compute * xp.reshape(scale, recipe.param_shape)
-    stats, centered = _corrected(xp, scaled, mean0, scale, _scaled_epsilon(xp, eps, scale), recipe, want_var=True)
+    eps_scaled = _scaled_epsilon(xp, eps, scale)
+    stats, centered = _corrected(xp, scaled, mean0, scale, eps_scaled, recipe, want_var=True, sums=sums)
     return stats, centered._replace(values=None)
 
 

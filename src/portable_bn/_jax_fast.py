@@ -34,8 +34,11 @@ prescaled, with the prescale's ``min``/``max`` and the sum for ``mean0`` taken
 in one pass and the corrected algorithm's two sums in a second, each pass a set
 of reductions of one input that XLA can compute together (measured 1.13 to 1.41
 x the textbook code, which reads ``x`` as often; per call that is 17 to 69 us).
-XLA emits a final-reduction kernel for each of pass 1's four reductions; for
-large float32 inputs they are one variadic ``lax.reduce`` (:func:`gpu_first_pass`).
+Which reductions XLA is given is chosen by shape and dtype (:func:`gpu_passes`):
+for large float32 inputs pass 1 is one variadic ``lax.reduce`` (XLA emits a
+final-reduction kernel for each separate reduction); where XLA's own order of
+reducing the axes leaves the GPU idle (rows too short or too few), both passes
+reduce the batch axes first (:func:`batch_first_layout`).
 
 ``tests/test_jax.py`` checks which branch each kind of data takes, and that
 every branch equals the float64 reference and the agnostic path
@@ -83,12 +86,12 @@ def _cpu_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) 
     )
 
 
-def variadic_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any, Any]:
+def variadic_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
     """:func:`._agnostic.first_pass` as ONE variadic ``lax.reduce``. XLA on a GPU
-    splits a large reduction into a partial and a final kernel; it merged the four
-    reductions' partial kernels into one but kept four final kernels (read from
+    splits a large reduction into a partial and a final kernel; it merged the separate
+    reductions' partial kernels into one but kept a final kernel for each (read from
     the compiled HLO); this has one of each. The same minima
-    and maxima; the sums in another order, so they may differ in the last bits
+    and maxima; the sum in another order, so it may differ in the last bits
     (``mean0`` need only be close: the second pass's residual corrects it).
 
     The input has its gradient stopped: ``lax.reduce`` with a general computation
@@ -100,37 +103,110 @@ def variadic_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: 
     inf = float("inf")
 
     def combine(left: tuple[Any, ...], right: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (
-            jax.lax.min(left[0], right[0]),
-            jax.lax.max(left[1], right[1]),
-            jax.lax.add(left[2], right[2]),
-            jax.lax.add(left[3], right[3]),
-        )
+        return (jax.lax.min(left[0], right[0]), jax.lax.max(left[1], right[1]), jax.lax.add(left[2], right[2]))
 
     zero = xp.zeros((), dtype=x_values.dtype)
-    operands = (x_values, x_values, x_values, x_values * shrink)
-    init = (zero + inf, zero - inf, zero, zero)
-    low, high, total, shrunk_total = jax.lax.reduce(operands, init, combine, recipe.reduce_axes)
-    return low, high, total, shrunk_total
+    operands = (x_values, x_values, x_values * shrink)
+    low, high, shrunk_total = jax.lax.reduce(operands, (zero + inf, zero - inf, zero), combine, recipe.reduce_axes)
+    return low, high, shrunk_total
 
 
-#: Inputs of at least this many elements take the variadic first pass (float32).
-VARIADIC_FROM = 2**20
+def _batch_first(xp: ModuleType, arrays: tuple[Any, ...], reducers: tuple[Any, ...], recipe: Recipe) -> tuple[Any, ...]:
+    """Per-channel reductions of full-size ``arrays`` (``reducers``: ``xp.min``,
+    ``xp.max`` or ``xp.sum``), over the axes before the channel axis first (a column
+    reduction of the array viewed as ``(A, C * B)``) and then over the axes after it
+    (a row reduction of the ``(C, B)`` partials). The barrier keeps XLA from merging the
+    two stages back into its own order, which reduces the rows of ``B`` first."""
+    outer = math.prod(arrays[0].shape[: recipe.channel_axis])
+    partials = tuple(
+        reduce(xp.reshape(array, (outer, -1)), axis=0) for array, reduce in zip(arrays, reducers, strict=True)
+    )
+    partials = jax.lax.optimization_barrier(partials)
+    channels = recipe.num_channels
+    return tuple(
+        reduce(xp.reshape(partial, (channels, -1)), axis=1) for partial, reduce in zip(partials, reducers, strict=True)
+    )
 
 
-def gpu_first_pass(xp: ModuleType, x_compute: Any) -> Any:
-    """Pass 1 of the GPU statistics for ``x_compute``: :func:`variadic_first_pass`
-    for float32 inputs of at least :data:`VARIADIC_FROM` elements, else
-    :func:`._agnostic.first_pass` (four reductions). Measured on an H200 (the third
-    GPU session; both traced in one process, interleaved; two runs): on three of
-    the four ResNet-like shapes the variadic reduce took the training forward from
-    11 XLA kernels to 8 (7 either way on (8, 32, 128, 128)); float32 was between
-    0.2 % slower and 4.7 % faster; float64 between 2.4 % slower and 4 % faster on
-    those three and 15 to 36 % slower on (8, 32, 128, 128); the (2, 4, 3, 3) call
-    went from 3 kernels to 4 and was 5 to 8 % slower. Sizes between 72 and 2**20
-    elements were not measured; 2**20 is the benchmark's boundary of a large input."""
-    use_variadic = x_compute.dtype == xp.float32 and math.prod(x_compute.shape) >= VARIADIC_FROM
-    return variadic_first_pass if use_variadic else _agnostic.first_pass
+def batch_first_first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
+    """:func:`._agnostic.first_pass` reduced batch axes first (:func:`_batch_first`): the same
+    minima and maxima, the sum in another order."""
+    low, high, shrunk_total = _batch_first(
+        xp, (x_compute, x_compute, x_compute * shrink), (xp.min, xp.max, xp.sum), recipe
+    )
+    return low, high, shrunk_total
+
+
+def batch_first_sums(xp: ModuleType, arrays: tuple[Any, ...], recipe: Recipe) -> tuple[Any, ...]:
+    """The per-channel sums of ``arrays`` (:data:`._agnostic.ChannelSums`), batch axes first."""
+    return _batch_first(xp, arrays, (xp.sum,) * len(arrays), recipe)
+
+
+#: Inputs of at least this many elements are "large": the variadic first pass (float32), and
+#: the batch-first order where :func:`batch_first_layout` says so.
+LARGE_FROM = 2**20
+
+#: Batch-first below this many rows (``A * C``) in XLA's own order: too few to fill the GPU.
+FEW_ROWS = 1024
+
+#: Batch-first for rows (``B``) shorter than this in XLA's own order.
+SHORT_ROW = 64
+
+
+def batch_first_layout(shape: tuple[int, ...], recipe: Recipe) -> bool:
+    """Whether the GPU statistics reduce the batch axes first (:func:`_batch_first`).
+
+    XLA's own order for a reduction over every axis but the channel's reduces the rows
+    of ``B`` (the elements after the channel axis) first, then the ``A`` rows of
+    partials (the axes before it). Measured on an H200 (the fourth GPU session, XLA's
+    kernel times through CUPTI, float32/float64, microseconds per training forward;
+    the textbook code: 44/73, 26/65, 15/30, 27/63):
+
+    =====================  ==========  ===========  ===========
+    input (A, C, B)        XLA order   batch first  rule
+    =====================  ==========  ===========  ===========
+    (256, 512, 49)         53 / 116    39 / 113     short rows
+    (8, 32, 16384)         39 / 94     26 / 63      few rows
+    (64, 256, 196)         21 / 43     29 / 54      XLA order
+    (32, 64, 3136)         31 / 75     75 / 128     XLA order
+    =====================  ==========  ===========  ===========
+
+    (first passes of three reductions.) Rows of 49 elements leave most of a warp's
+    lanes idle and 256 rows do not fill the GPU's 132 multiprocessors; where neither
+    holds, XLA's order was faster. Only for large inputs (:data:`LARGE_FROM`): a small
+    call's cost is its kernel count, and the barrier adds kernels; and only where both
+    sides of the channel axis have more than one element. Other shapes were not
+    measured; the thresholds are the mechanisms' rough bounds. End to end (synchronised
+    calls, interleaved in one process with XLA's order): float32 0.98 and 1.03 x the
+    textbook code on the two batch-first shapes, where XLA's order took 1.06 and 1.12;
+    float64 1.28 and 0.99, where it took 1.32 and 1.23."""
+    outer = math.prod(shape[: recipe.channel_axis])
+    inner = math.prod(shape[recipe.channel_axis + 1 :])
+    if outer < 2 or inner < 2 or outer * recipe.num_channels * inner < LARGE_FROM:
+        return False
+    return outer * recipe.num_channels < FEW_ROWS or inner < SHORT_ROW
+
+
+def gpu_passes(
+    xp: ModuleType, x_compute: Any, recipe: Recipe
+) -> tuple[_agnostic.FirstPass, _agnostic.ChannelSums | None]:
+    """Pass 1 and pass 2's sums of the GPU statistics for ``x_compute``: batch first
+    where :func:`batch_first_layout` says so; else :func:`variadic_first_pass` for
+    large float32 inputs; else :func:`._agnostic.first_pass` (three reductions).
+
+    The variadic rule was measured on an H200 in the third GPU session, when pass 1
+    had four reductions (a plain and a shrunk sum; both variants traced in one
+    process, interleaved; two runs): on three of the four ResNet-like shapes the
+    variadic reduce took the training forward from 11 XLA kernels to 8 (7 either way
+    on (8, 32, 128, 128)); float32 was between 0.2 % slower and 4.7 % faster; float64
+    between 2.4 % slower and 4 % faster on those three and 15 to 36 % slower on
+    (8, 32, 128, 128); the (2, 4, 3, 3) call went from 3 kernels to 4 and was 5 to 8 %
+    slower. Sizes between 72 and 2**20 elements were not measured."""
+    if batch_first_layout(tuple(x_compute.shape), recipe):
+        return batch_first_first_pass, batch_first_sums
+    if x_compute.dtype == xp.float32 and math.prod(x_compute.shape) >= LARGE_FROM:
+        return variadic_first_pass, None
+    return _agnostic.first_pass, None
 
 
 def train_statistics(
@@ -139,9 +215,10 @@ def train_statistics(
     """Batch statistics and the centred values, as :func:`._agnostic.batch_statistics`
     with ``prescale=True`` returns them (float32/float64 input, a non-empty batch):
     the ``lax.cond`` route on the CPU, :func:`._agnostic.fused_statistics` elsewhere."""
+    first, sums = gpu_passes(xp, x_compute, recipe)
     stats, centered = jax.lax.platform_dependent(
         cpu=lambda: _cpu_statistics(xp, x_compute, recipe, eps),
-        default=lambda: _agnostic.fused_statistics(xp, x_compute, recipe, eps, first=gpu_first_pass(xp, x_compute)),
+        default=lambda: _agnostic.fused_statistics(xp, x_compute, recipe, eps, first=first, sums=sums),
     )
     return stats, _agnostic.recentered(xp, x_compute, centered, recipe)
 
