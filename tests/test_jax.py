@@ -216,7 +216,7 @@ def test_gpu_passes_equal_the_agnostic_reductions(jnp, dtype, case):
     with np.errstate(over="ignore"):
         x = jnp.asarray(host.astype(dtype))
     recipe = make_recipe(x.shape, 1)
-    shrink = 2.0**-9
+    shrink = 2.0**-9  # any power of two with 2**9 >= the 128 values per channel
     routes = {
         "variadic": (_jax_fast.variadic_first_pass, None),
         "batch first": (_jax_fast.batch_first_first_pass, _jax_fast.batch_first_sums),

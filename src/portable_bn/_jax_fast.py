@@ -171,7 +171,7 @@ def batch_first_layout(shape: tuple[int, ...], recipe: Recipe) -> bool:
     (32, 64, 3136)         31 / 75     75 / 128     XLA order
     =====================  ==========  ===========  ===========
 
-    (first passes of three reductions.) Rows of 49 elements leave most of a warp's
+    Both columns with the three-reduction pass 1. Rows of 49 elements leave most of a warp's
     lanes idle and 256 rows do not fill the GPU's 132 multiprocessors; where neither
     holds, XLA's order was faster. Only for large inputs (:data:`LARGE_FROM`): a small
     call's cost is its kernel count, and the barrier adds kernels; and only where both
