@@ -196,6 +196,11 @@ def test_gpu_passes_by_shape_and_dtype(jnp, shape, dtype, route):
         "three reductions": (_agnostic.first_pass, None),
     }[route]
     assert chosen == expected
+
+
+def test_batch_first_needs_axes_before_the_channel(jnp):
+    from portable_bn import _jax_fast
+
     assert not _jax_fast.batch_first_layout((8, 32, 128, 128), make_recipe((8, 32, 128, 128), 0))  # nothing before C
 
 
