@@ -11,7 +11,7 @@ import pytest
 
 import portable_bn as pbn
 from conftest import require_backend
-from portable_bn._reference import reference_batch_norm
+from portable_bn._reference import reference_backward, reference_batch_norm
 from portable_bn._tolerance import max_error, tolerance
 
 SHAPE = (8, 3, 4, 4)
@@ -36,20 +36,61 @@ def _full_precision(combo):
         pytest.skip("float16/bfloat16 cannot hold this data (see test_half_precision_*)")
 
 
-@pytest.mark.parametrize("case", list(HARD))
+CONSTANT = {  # name -> value of channel 0, the other channels N(0, 1): a constant channel of a large magnitude
+    "constant-4e16": 4e16,
+    "constant-3e30": 3e30,
+    "constant-3e38": 3e38,
+}
+
+
+def _hard_case(case):
+    if case in HARD:
+        return _hard(*HARD[case])
+    host = np.random.default_rng(7).normal(size=SHAPE)
+    host[:, 0] = CONSTANT[case]
+    return host
+
+
+def _assert_close(actual, expected, dtype_name, what):
+    """Normwise error within the dtype's tolerance, where ``expected`` (float64) rounded to the
+    dtype is finite; where it overflows the dtype, ``actual`` must hold the same infinity."""
+    actual = np.asarray(actual, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        rounded = np.asarray(expected, dtype=dtype_name).astype(np.float64)
+    beyond = np.isinf(rounded)
+    np.testing.assert_array_equal(actual[beyond], rounded[beyond], err_msg=what)
+    error = max_error(actual[~beyond], np.asarray(expected)[~beyond])
+    assert error <= tolerance(dtype_name), (what, error)
+
+
+def _hard_call(combo, case):
+    """``batch_norm`` in training on a hard data set, with running statistics and affine
+    parameters; returns the arrays, the host copies of the inputs and the result."""
+    x = combo.asarray(_hard_case(case))
+    rng = np.random.default_rng(8)
+    host = {"running_mean": rng.normal(size=3), "running_var": rng.uniform(0.5, 2.0, 3)}
+    host.update(weight=np.array([1.5, 0.5, 2.0]), bias=np.array([0.1, -0.2, 0.3]))
+    arrays = {key: combo.asarray(value) for key, value in host.items()}
+    host = {key: combo.to_numpy(value) for key, value in arrays.items()}
+    result = pbn.batch_norm(x, **arrays, training=True, momentum=0.25)
+    return x, arrays, host, result
+
+
+@pytest.mark.parametrize("case", [*HARD, *CONSTANT])
 def test_hard_data_matches_the_float64_truth(vcombo, case):
+    """Output, batch statistics and running statistics on hard data, against the float64 truth."""
     _full_precision(vcombo)
-    x = vcombo.asarray(_hard(*HARD[case]))
-    weight = vcombo.asarray(np.array([1.5, 0.5, 2.0]))
-    bias = vcombo.asarray(np.array([0.1, -0.2, 0.3]))
-    result = pbn.batch_norm(x, weight=weight, bias=bias, training=True)
-    xh = vcombo.to_numpy(x)
-    expected = reference_batch_norm(xh, weight=[1.5, 0.5, 2.0], bias=[0.1, -0.2, 0.3], training=True)
-    output = vcombo.to_numpy(result.output)
-    assert np.isfinite(output).all()
-    assert max_error(output, expected["output"]) <= tolerance(vcombo.dtype_name)
-    mean = vcombo.to_numpy(result.mean)
-    np.testing.assert_allclose(mean, expected["mean"], rtol=tolerance(vcombo.dtype_name), atol=0)
+    name = vcombo.dtype_name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a running variance beyond the dtype's range
+        x, _, host, result = _hard_call(vcombo, case)
+        got = {key: vcombo.to_numpy(getattr(result, key)) for key in pbn.BatchNormResult._fields}
+    expected = reference_batch_norm(vcombo.to_numpy(x), **host, training=True, momentum=0.25)
+    assert np.isfinite(got["output"]).all()
+    for key, value in got.items():
+        _assert_close(value, expected[key], name, key)
+    for key in ("mean", "invstd"):  # per channel, relative: a channel's statistics are not normwise
+        np.testing.assert_allclose(got[key], expected[key], rtol=tolerance(name), atol=0, err_msg=key)
 
 
 def test_large_offsets_at_least_as_exact_as_pytorch():

@@ -131,7 +131,7 @@ def batch_statistics(
     mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
     if scale is not None:
         mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
-    return _corrected(xp, x_compute, mean0, scale, eps_scaled, recipe, want_var=want_var)
+    return _corrected(xp, x_compute, mean0, scale, eps_scaled, recipe, eps=eps, want_var=want_var)
 
 
 def _corrected(
@@ -142,6 +142,7 @@ def _corrected(
     eps_scaled: Any,
     recipe: Recipe,
     *,
+    eps: float,
     want_var: bool,
     sums: ChannelSums | None = None,
 ) -> tuple[Statistics, Centered]:
@@ -162,7 +163,15 @@ def _corrected(
     normalizer = Centered(centered, residual, invstd, mean0, scale)
     mean = mean0 + residual
     if scale is not None:  # back to the input's units (exact: powers of two, one at a time)
-        mean, invstd = mean / scale, invstd * scale
+        mean = mean / scale
+        # The floor on eps * scale**2 serves the output only (a constant channel's values are
+        # exactly 0 there); the invstd returned is 1 / sqrt(var + eps) wherever the variance
+        # fits the dtype, so a constant channel of huge values gets 1 / sqrt(eps). "Fits" is
+        # var_s / scale**2 <= largest, tested without overflow (var_s <= 4, scale >= 2**-126).
+        largest = float(xp.finfo(batch_var.dtype).max)
+        fits = batch_var * 0.25 / scale <= (largest * 0.25) * scale
+        var_in_range = xp.where(fits, batch_var, xp.zeros_like(batch_var)) / scale / scale
+        invstd = xp.where(fits, 1.0 / xp.sqrt(var_in_range + eps), invstd * scale)
         batch_var = batch_var / scale / scale if want_var else None
     return Statistics(mean, invstd, batch_var), normalizer
 
@@ -222,7 +231,7 @@ def fused_statistics(
     mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
     scaled = x_compute * xp.reshape(scale, recipe.param_shape)
     eps_scaled = _scaled_epsilon(xp, eps, scale)
-    stats, centered = _corrected(xp, scaled, mean0, scale, eps_scaled, recipe, want_var=True, sums=sums)
+    stats, centered = _corrected(xp, scaled, mean0, scale, eps_scaled, recipe, eps=eps, want_var=True, sums=sums)
     return stats, centered._replace(values=None)
 
 
