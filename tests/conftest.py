@@ -21,7 +21,7 @@ import os
 import pytest
 from hypothesis import settings
 
-from portable_bn import _backends, _functional
+from portable_bn import testing as _backends
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None)
 settings.register_profile("dev", max_examples=10, deadline=None)
@@ -60,14 +60,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def both_paths(func, *args, **kwargs):
-    """``func`` with the backend fast paths, then forced through the agnostic code."""
+    """``func`` with the backend's primitive set, then on the pure array-API primitives alone."""
     fast = func(*args, **kwargs)
-    _functional.FAST_PATHS = False
-    try:
-        agnostic = func(*args, **kwargs)
-    finally:
-        _functional.FAST_PATHS = True
-    return fast, agnostic
+    with _backends.pure_primitives():
+        pure = func(*args, **kwargs)
+    return fast, pure
 
 
 def require_backend(name: str) -> None:

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from portable_bn._check import sample
-from portable_bn._reference import reference_backward, reference_batch_norm
+from portable_bn.testing import reference_backward, reference_batch_norm, sample
 
 
 def _numeric_grad(f, array, h=1e-6):

@@ -14,16 +14,21 @@ def test_check_passes_on_numpy(capsys):
     assert main(["check", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["backend", "device", "dtype", "max", "error", "tolerance", "result"]
+    assert lines[0].split() == ["backend", "device", "dtype", "closest", "check", "error", "tolerance", "result"]
     assert sum(line.startswith("numpy") and line.rstrip().endswith("PASS") for line in lines) == 3
     assert lines[-1] == "all passed"
 
 
-def test_check_fails_when_accuracy_is_not_met(monkeypatch):
-    monkeypatch.setattr(check_module, "tolerance", lambda name: 0.0)
+def test_check_fails_when_a_rule_is_broken(monkeypatch):
+    """A biased running variance (PyTorch's is unbiased) fails every row."""
+    from portable_bn import _agnostic
+
+    monkeypatch.setattr(_agnostic, "unbiased_variance", lambda var, count: var)
     out = io.StringIO()
     assert check_module.check(["numpy"], out=out) == 1
-    assert "FAIL" in out.getvalue() and out.getvalue().rstrip().endswith("FAILED")
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("numpy")]
+    assert len(rows) == 3 and all("FAIL: " in row and "running_var" in row for row in rows)
+    assert out.getvalue().rstrip().endswith("FAILED")
 
 
 def test_check_reports_missing_backends_as_skipped(monkeypatch):

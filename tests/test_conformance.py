@@ -6,17 +6,25 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from portable_bn._check import MODULE_SHAPES, functional_scenario, module_scenario, sample
 from portable_bn._compat import array_namespace, device
-from portable_bn._tolerance import tolerance
+from portable_bn.testing import (
+    MODULE_SHAPES,
+    failures,
+    functional_scenario,
+    module_scenario,
+    reference_batch_norm,
+    sample,
+    tolerance,
+)
 
 
-def assert_within(errors, dtype_name):
-    tol = tolerance(dtype_name)
-    errors = list(errors)
-    bad = [(what, err) for what, err in errors if not err <= tol]
-    assert not bad, f"errors above {tol:.1e}: {bad}"
-    return len(errors)
+def assert_within(checks, dtype_name):
+    """Every check within its limit (the tolerance of its dtype; ``dtype_name`` is the input's)."""
+    checks = list(checks)
+    assert all(check.limit <= tolerance(dtype_name) for check in checks)
+    bad = failures(checks)
+    assert not bad, f"checks beyond their limits: {bad}"
+    return len(checks)
 
 
 @pytest.mark.parametrize("kind", list(MODULE_SHAPES))
@@ -69,14 +77,10 @@ def test_functional_momentum_and_eps(vcombo, momentum, eps):
     assert_within(functional_scenario(vcombo, (4, 3, 5), training=True, momentum=momentum, eps=eps), vcombo.dtype_name)
 
 
-def _param_dtype(combo):
-    return combo.library.float32 if combo.dtype_name in ("float16", "bfloat16") else combo.dtype
-
-
 def test_results_live_where_the_input_lives(combo):
     """Library, device and dtype of every returned array, on every device (meta too)."""
     x = combo.asarray(sample((4, 3, 2, 2), seed=1))
-    pdt = _param_dtype(combo)
+    pdt = combo.param_dtype
     stats = [combo.asarray(np.linspace(0.5, 1.5, 3), pdt) for _ in range(4)]
     xp = array_namespace(x)
     for training in (True, False):
@@ -113,9 +117,9 @@ def test_module_created_lazily_in_input_library(combo):
 
 
 def test_module_created_eagerly_with_xp(combo):
-    bn = pbn.BatchNorm1d(3, xp=combo.library, device=combo.device, dtype=_param_dtype(combo))
+    bn = pbn.BatchNorm1d(3, xp=combo.library, device=combo.device, dtype=combo.param_dtype)
     assert list(bn.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-    assert bn.weight.shape == (3,) and bn.weight.dtype == _param_dtype(combo)
+    assert bn.weight.shape == (3,) and bn.weight.dtype == combo.param_dtype
     assert device(bn.running_var) == device(combo.asarray(np.zeros(1)))
     assert bn.num_batches_tracked.shape == ()
     if combo.values:
@@ -128,7 +132,7 @@ def test_arguments_are_never_written(vcombo):
     host = {k: np.linspace(0.5, 1.5, 3) + i for i, k in enumerate(["rm", "rv", "w", "b"])}
     x_host = sample((4, 3, 5), seed=3)
     x = vcombo.asarray(x_host)
-    pdt = _param_dtype(vcombo)
+    pdt = vcombo.param_dtype
     arrays = [vcombo.asarray(host[k], pdt) for k in ("rm", "rv", "w", "b")]
     before = [vcombo.to_numpy(a) for a in [x, *arrays]]
     result = pbn.batch_norm(x, *arrays, training=True, momentum=0.5)
@@ -156,7 +160,7 @@ def test_read_only_numpy_arrays():
 
 def test_empty_batch(vcombo):
     """N = 0 in training: empty output, running statistics unchanged, counter bumped."""
-    bn = pbn.BatchNorm2d(3, xp=vcombo.library, device=vcombo.device, dtype=_param_dtype(vcombo))
+    bn = pbn.BatchNorm2d(3, xp=vcombo.library, device=vcombo.device, dtype=vcombo.param_dtype)
     bn(vcombo.asarray(sample((4, 3, 2, 2), seed=5)))
     before = {k: vcombo.to_numpy(v) for k, v in bn.state_dict().items()}
     out = bn(vcombo.asarray(np.zeros((0, 3, 2, 2))))
@@ -170,17 +174,17 @@ def test_empty_batch(vcombo):
 
 
 def test_one_value_per_channel_is_fine_in_eval(vcombo):
-    bn = pbn.BatchNorm1d(3, xp=vcombo.library, device=vcombo.device, dtype=_param_dtype(vcombo)).eval()
+    bn = pbn.BatchNorm1d(3, xp=vcombo.library, device=vcombo.device, dtype=vcombo.param_dtype).eval()
     x_host = np.array([[1.0, 2.0, 3.0]])
     out = vcombo.to_numpy(bn(vcombo.asarray(x_host)))
     np.testing.assert_allclose(out, x_host / np.sqrt(1 + 1e-5), rtol=tolerance(vcombo.dtype_name))
 
 
 def test_eval_with_buffers_removed_uses_batch_statistics(vcombo):
-    bn = pbn.BatchNorm2d(3, xp=vcombo.library, device=vcombo.device, dtype=_param_dtype(vcombo)).eval()
+    bn = pbn.BatchNorm2d(3, xp=vcombo.library, device=vcombo.device, dtype=vcombo.param_dtype).eval()
     bn.running_mean = bn.running_var = None
     x = vcombo.asarray(sample((4, 3, 2, 2), seed=6))
     out = vcombo.to_numpy(bn(x))
-    expected = pbn._reference.reference_batch_norm(vcombo.to_numpy(x), training=True)["output"]
+    expected = reference_batch_norm(vcombo.to_numpy(x), training=True)["output"]
     assert np.max(np.abs(out - expected)) <= tolerance(vcombo.dtype_name) * max(1, np.abs(expected).max())
     assert int(vcombo.to_numpy(bn.num_batches_tracked)) == 0

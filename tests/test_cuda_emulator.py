@@ -1,9 +1,9 @@
-"""The CuPy kernels' CUDA source, run on the CPU by ``tests/cuda_emulator.py``.
+"""The CuPy backend's kernels, run on the CPU by ``tests/cuda_emulator.py``.
 
-Where no GPU exists (CI), this is what checks the kernels' logic, indexing and
-arguments against the float64 reference; ``tests/test_cupy_fast.py`` checks
-them on a GPU. Runs once, in the numpy session, in a subprocess (the emulator
-installs a stand-in ``cupy`` module).
+Where no GPU exists (CI), this is what checks the kernels' logic, indexing, generated code and
+arguments against the float64 reference and the pure primitives; ``tests/test_cupy.py``
+checks them on a GPU. Runs once, in the numpy session, in a subprocess (the emulator installs
+a stand-in ``cupy`` module).
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ import pytest
 
 import portable_bn as pbn
 from conftest import require_backend
-from portable_bn._check import sample
-from portable_bn._reference import reference_batch_norm
+from portable_bn.testing import reference_batch_norm, sample
 
 
 @pytest.fixture

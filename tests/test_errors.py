@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from portable_bn._check import sample
+from portable_bn.testing import max_error, sample, tolerance
 
 
 def _vec(value=1.0, dtype=np.float64, n=3):
@@ -237,8 +237,7 @@ def test_shape_shortcut_only_for_plain_array_types():
     class Sub(np.ndarray):
         pass
 
+    expected = pbn.batch_norm(X, training=True).output  # registers NumPy's array type
     assert has_int_shape(X)
     assert not has_int_shape(X.view(Sub))
-    np.testing.assert_array_equal(
-        pbn.batch_norm(X.view(Sub), training=True).output, pbn.batch_norm(X, training=True).output
-    )
+    assert max_error(pbn.batch_norm(X.view(Sub), training=True).output, expected) <= tolerance("float64")

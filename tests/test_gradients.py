@@ -8,8 +8,7 @@ import pytest
 
 import portable_bn as pbn
 from conftest import require_backend
-from portable_bn._reference import reference_backward, reference_batch_norm
-from portable_bn._tolerance import max_error
+from portable_bn.testing import max_error, reference_backward, reference_batch_norm
 
 HARD_DATA = [  # (shape, offset, spread): ordinary, large offset, large offset and large n
     ((16, 8, 8, 8), 0.0, 1.0),

@@ -6,7 +6,7 @@ weight, bias and running statistics, training and evaluation. The
 properties:
 
 1. every result equals the float64 reference on the backend's own (cast)
-   input, within :func:`~portable_bn._tolerance.tolerance`;
+   input, within :func:`~portable_bn.testing.tolerance`;
 2. a training output without affine parameters has per-channel mean 0 and
    variance ``var / (var + eps)``;
 3. normalizing ``a * x + b`` (``a > 0``) with ``eps * a**2`` gives the output
@@ -15,7 +15,7 @@ properties:
 5. valid arguments never raise, invalid ones raise a TypeError or ValueError
    naming the problem, and no argument is ever written to;
 6. a module driven through random training and evaluation steps matches
-   :class:`~portable_bn._reference.ReferenceModule` at every step.
+   :class:`~portable_bn.testing.ReferenceModule` at every step.
 
 Each test takes the ``vcombo`` fixture (backend, device, dtype) and runs a
 nested ``@given`` property, so that the example count can depend on the
@@ -44,9 +44,7 @@ from hypothesis import assume, given, note, seed, settings
 from hypothesis import strategies as st
 
 import portable_bn as pbn
-from portable_bn._backends import Combination
-from portable_bn._reference import ReferenceModule, reference_batch_norm
-from portable_bn._tolerance import max_error, tolerance
+from portable_bn.testing import Combination, ReferenceModule, max_error, reference_batch_norm, tolerance
 
 PROFILE = os.environ.get("PBN_HYPOTHESIS_PROFILE", "ci")
 COST = {"jax": 5, "jax_gpu": 5, "dask": 5}
@@ -588,7 +586,7 @@ def test_module_steps_match_the_reference_module(vcombo):
     step with one value per channel that needs batch statistics raises
     ValueError and changes no state."""
     tol = tolerance(vcombo.dtype_name)
-    param_dtype = vcombo.library.float32 if vcombo.dtype_name in HALF else vcombo.dtype
+    param_dtype = vcombo.param_dtype
 
     @examples(vcombo)
     @given(plan=module_runs(vcombo))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import portable_bn as pbn
-from portable_bn._check import sample
 from portable_bn._compat import array_namespace, device
+from portable_bn.testing import sample
 
 KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
 STATE = {
@@ -17,10 +17,6 @@ STATE = {
     "running_var": np.array([2.0, 0.5, 1.5]),
     "num_batches_tracked": np.array(7),
 }
-
-
-def _param_dtype(combo):
-    return combo.library.float32 if combo.dtype_name in ("float16", "bfloat16") else combo.dtype
 
 
 @pytest.mark.parametrize(
@@ -35,7 +31,7 @@ def test_state_dict_keys_follow_pytorch_order(affine, track, keys):
 def test_numpy_state_loads_into_every_backend(vcombo):
     """A NumPy checkpoint lands in the module's library, device and dtype, and
     the eval output uses it."""
-    pdt = _param_dtype(vcombo)
+    pdt = vcombo.param_dtype
     module = pbn.BatchNorm1d(3, xp=vcombo.library, device=vcombo.device, dtype=pdt)
     missing, unexpected = module.load_state_dict(STATE)
     assert missing == [] and unexpected == []
@@ -57,7 +53,7 @@ def test_numpy_state_loads_into_every_backend(vcombo):
 
 def test_backend_state_loads_into_numpy(vcombo):
     """Every backend's state_dict converts into a NumPy module (DLPack or host copy)."""
-    source = pbn.BatchNorm2d(3, xp=vcombo.library, device=vcombo.device, dtype=_param_dtype(vcombo))
+    source = pbn.BatchNorm2d(3, xp=vcombo.library, device=vcombo.device, dtype=vcombo.param_dtype)
     source(vcombo.asarray(sample((4, 3, 2, 2), seed=2)))
     target = pbn.BatchNorm2d(3, xp=np, dtype=np.float64)
     target.load_state_dict(source.state_dict())
@@ -69,7 +65,7 @@ def test_backend_state_loads_into_numpy(vcombo):
 
 
 def test_lazy_module_adopts_library_device_and_dtype_of_the_state(vcombo):
-    pdt = _param_dtype(vcombo)
+    pdt = vcombo.param_dtype
     state = {k: vcombo.asarray(v, pdt) for k, v in STATE.items() if k != "num_batches_tracked"}
     module = pbn.BatchNorm1d(3)
     module.load_state_dict(state)

@@ -3,7 +3,7 @@
 Two claims are proved here against ``torch.nn.BatchNorm1d/2d/3d`` and
 ``torch.nn.functional.batch_norm``:
 
-1. the NumPy float64 reference (:mod:`portable_bn._reference`), which every
+1. the NumPy float64 reference (:func:`portable_bn.testing.reference_batch_norm`), which every
    other backend is compared against, is itself PyTorch's behaviour;
 2. our code fed torch tensors gives what torch itself gives: outputs, state,
    dtypes, errors, autograd and ``state_dict`` interop.
@@ -16,9 +16,7 @@ import pytest
 
 import portable_bn as pbn
 from conftest import selected_backends
-from portable_bn._check import sample
-from portable_bn._reference import ReferenceModule, reference_backward, reference_batch_norm
-from portable_bn._tolerance import max_error, tolerance
+from portable_bn.testing import ReferenceModule, max_error, reference_backward, reference_batch_norm, sample, tolerance
 
 pytestmark = pytest.mark.skipif("torch" not in selected_backends(), reason="torch not selected by PBN_BACKENDS")
 

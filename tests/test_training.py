@@ -11,8 +11,7 @@ import pytest
 
 import portable_bn as pbn
 from conftest import require_backend
-from portable_bn._check import sample
-from portable_bn._reference import reference_backward, reference_batch_norm
+from portable_bn.testing import reference_backward, reference_batch_norm, sample
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "numpy_training.py"
 
@@ -27,9 +26,9 @@ def load_example():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(("affine", "track"), [(True, True), (False, True), (True, False)])
 def test_module_backward_matches_reference(vcombo, training, affine, track):
-    from portable_bn._tolerance import max_error, tolerance
+    from portable_bn.testing import max_error, tolerance
 
-    pdt = vcombo.library.float32 if vcombo.dtype_name in ("float16", "bfloat16") else vcombo.dtype
+    pdt = vcombo.param_dtype
     bn = pbn.BatchNorm2d(
         3, affine=affine, track_running_stats=track, xp=vcombo.library, device=vcombo.device, dtype=pdt
     ).train(training)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _backends, _bench
+from . import _bench
+from .testing import _matrix as _backends
 
 
 def _positive_int(text: str) -> int:

@@ -2,7 +2,7 @@
 
 For each installed backend (first device) and dtype, the normwise error of a
 training-mode ``batch_norm`` output against the float64 truth
-(:mod:`._reference`, exactly rounded sums) on data sets that break naive
+(:func:`portable_bn.testing.reference_batch_norm`, exactly rounded sums) on data sets that break naive
 implementations; the same data through ``torch.nn.functional.batch_norm`` on
 the CPU, where torch is installed, for comparison.
 """
@@ -16,38 +16,15 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import _backends
 from ._functional import batch_norm
-from ._reference import reference_batch_norm
-from ._tolerance import max_error
+from .testing import HARD_DATA, max_error, reference_batch_norm
+from .testing import _matrix as _backends
 
 SHAPE = (16, 4, 8, 8)
 
 
-def _normal(offset: float, spread: float) -> Callable[[], np.ndarray]:
-    def make() -> np.ndarray:
-        data: np.ndarray = offset + spread * np.random.default_rng(0).normal(size=SHAPE)
-        return data
-
-    return make
-
-
-def _constant_channel() -> np.ndarray:
-    data = np.random.default_rng(0).normal(size=SHAPE)
-    data[:, 1] = 123.4375  # exactly representable in every dtype
-    return data
-
-
-# name -> (data, dtypes it fits)
-DATA: dict[str, tuple[Callable[[], np.ndarray], tuple[str, ...]]] = {
-    "N(0,1)": (_normal(0.0, 1.0), ("float16", "bfloat16", "float32", "float64")),
-    "300+100N": (_normal(300.0, 100.0), ("float16", "bfloat16", "float32", "float64")),
-    "constant ch.": (_constant_channel, ("float16", "bfloat16", "float32", "float64")),
-    "1e4+0.1N": (_normal(1e4, 0.1), ("float32", "float64")),
-    "1e6+N": (_normal(1e6, 1.0), ("float32", "float64")),
-    "1e20 N": (_normal(0.0, 1e20), ("float32", "float64")),
-    "3e37 N": (_normal(0.0, 3e37), ("float32", "float64")),
-}
+DATA = HARD_DATA
+"""The data sets: :data:`portable_bn.testing.HARD_DATA`, at :data:`SHAPE`."""
 
 
 def _error(
@@ -82,7 +59,7 @@ def measure() -> list[tuple[str, str, dict[str, float]]]:
                 return combo.to_numpy(batch_norm(x, training=True).output)
 
             errors = {
-                name: _error(ours, combo.asarray, combo.to_numpy, make())
+                name: _error(ours, combo.asarray, combo.to_numpy, make(SHAPE, 0))
                 for name, (make, dtypes) in DATA.items()
                 if combo.dtype_name in dtypes
             }
@@ -104,7 +81,9 @@ def measure() -> list[tuple[str, str, dict[str, float]]]:
         def host(x: Any) -> np.ndarray:
             return x.double().numpy()
 
-        errors = {key: _error(run, cast, host, make()) for key, (make, dtypes) in DATA.items() if name in dtypes}
+        errors = {
+            key: _error(run, cast, host, make(SHAPE, 0)) for key, (make, dtypes) in DATA.items() if name in dtypes
+        }
         rows.append(("torch F.batch_norm (CPU)", name, errors))
     return rows
 

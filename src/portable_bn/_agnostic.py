@@ -1,8 +1,25 @@
-"""The one implementation: pure array-API code, no library-specific lines.
+"""The one implementation of batch normalization: every rule, in pure array-API code.
 
-Every function takes the namespace ``xp`` and a shape :class:`~._recipe.Recipe`
-already validated by the public entry points, and never writes to its
-arguments. The rules implemented here are PyTorch's (see docs/semantics.rst).
+Every function here takes the array namespace ``xp`` or a primitive set ``prims``
+(:class:`._primitives.Primitives`, whose ``prims.xp`` is the namespace), and a shape
+:class:`~._recipe.Recipe` already validated by the public entry points; none writes to its
+arguments. The rules are PyTorch's (docs/semantics.rst), each stated once, here:
+
+- the compute dtype (:func:`compute_dtype`), the running update (:func:`update_factor`,
+  :func:`unbiased_variance`, :func:`updated_running_stats`, ``skip_nonfinite`` included),
+  the empty batch (:func:`train_forward`);
+- what makes statistics trustworthy (:func:`untrusted`, the numerically-constant-channel
+  threshold :data:`CONSTANT_CHANNEL_ULPS`), when an output may skip a subtraction
+  (:data:`SHORT_FORM_MEAN_OVER_STD`) and when a native kernel's result is kept
+  (:func:`native_train_forward`, :func:`native_eval_forward`).
+
+Statistics are per-channel moments ``(count, mean, M2)`` about a shift, of the input times a
+per-channel power of two (:class:`Moments`); moments merge exactly (:func:`merge_moments`).
+Full-size work goes through the primitives (reductions, the fused scale-and-shift); the
+per-channel arithmetic through ``prims.per_channel``, which runs a function of this module
+as it is, or compiles it (CuPy). Where a backend can choose by values (``prims.branches``:
+eager arrays, ``jax.lax.cond``), the statistics take the cheapest route that is as exact;
+elsewhere always the prescaled two-pass route, which is exact on any data.
 """
 
 from __future__ import annotations
@@ -10,291 +27,52 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._compat import device, multiply_add
-from ._recipe import Recipe
+from ._compat import detach
+from ._recipe import SAMPLE_SIZE, Recipe
 
+if TYPE_CHECKING:
+    from ._primitives import NativeKernels, Primitives
 
-class Statistics(NamedTuple):
-    """Per-channel statistics of one forward call, in the compute dtype."""
+# --------------------------------------------------------------------------- rules
 
-    mean: Any
-    invstd: Any
-    batch_var: Any
-    """Biased batch variance (training; None in eval), for the running update."""
+CONSTANT_CHANNEL_ULPS = 8
+"""A channel whose standard deviation is at most this many units of the dtype's precision
+times its mean is numerically constant: its statistics are taken again, prescaled, which
+makes a constant channel exact (its values minus its mean are exactly 0)."""
 
+SHORT_FORM_MEAN_OVER_STD = 1.0
+"""An output (or input gradient) may be computed as ``x * a + b`` instead of ``(x - m) * a + b``
+where every channel has ``|mean| <= this * std`` or ``|mean * a| <= 1``: the extra rounding of
+``x * a`` is then within what the longer form rounds anyway."""
 
-class Centered(NamedTuple):
-    """The full-size intermediate the normalization starts from."""
-
-    values: Any
-    """``x`` (possibly scaled by a power of two) minus a per-channel mean."""
-    residual: Any
-    """Per-channel mean of ``values`` still to subtract (None: none)."""
-    invstd: Any
-    """``1 / sqrt(var + eps)`` in the units of ``values``."""
-    mean0: Any = None
-    """Per-channel mean subtracted from the (scaled) ``x`` to give ``values`` (None: not kept)."""
-    prescale: Any = None
-    """Per-channel power of two ``x`` was multiplied by (None: none)."""
-
-
-def recentered(xp: ModuleType, x_compute: Any, centered: Centered, recipe: Recipe) -> Centered:
-    """``centered`` with its ``values`` formed again from ``x_compute`` and the
-    per-channel vectors: the same operations, so the same numbers. A caller
-    that must pass results through a boundary (``jax.lax.cond``) passes only the
-    vectors; the full-size values are then formed where they are consumed, and
-    a compiler fuses them into the output instead of storing them."""
-    values = x_compute
-    if centered.prescale is not None:
-        values = values * xp.reshape(centered.prescale, recipe.param_shape)
-    values = values - xp.reshape(centered.mean0, recipe.param_shape)
-    return centered._replace(values=values)
+NATIVE_MEAN_OVER_STD = 8.0
+"""A native kernel that computes ``x * alpha + beta`` (PyTorch's CPU kernels) is kept where every
+channel has ``|mean| <= this * std``: about 1.5 roundings more at 8 standard deviations
+(measured), inside the conformance tolerance; beyond, the shared algorithm runs instead."""
 
 
 def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
-    """float32 and float64 compute in themselves; float16 and bfloat16 in
-    float32, so sums never overflow or lose the half-precision mantissa."""
+    """float32 and float64 compute in themselves; float16 and bfloat16 in float32, so sums
+    never overflow or lose the half-precision mantissa (PyTorch's rule)."""
     if dtype == xp.float64 or dtype == xp.float32:
         return dtype
     return xp.float32
 
 
-def _as(xp: ModuleType, array: Any, dtype: Any) -> Any:
-    """``astype`` that costs nothing when the dtype is already right (small calls)."""
-    return array if array.dtype == dtype else xp.astype(array, dtype)
+def update_factor(xp: ModuleType, momentum: float | None, num_batches_tracked: Any, dtype: Any) -> Any:
+    """Weight of the new batch in a module's running update: ``momentum``, or, for
+    ``momentum=None``, the cumulative average ``1 / num_batches_tracked`` (the counter already
+    counts this batch) as a 0-d array of ``dtype`` (no host synchronisation)."""
+    if momentum is not None:
+        return momentum
+    return 1.0 / xp.astype(num_batches_tracked, dtype)
 
 
-def _channel(xp: ModuleType, vector: Any, recipe: Recipe, dtype: Any) -> Any:
-    """A per-channel vector cast to ``dtype``, shaped to broadcast over the input."""
-    return xp.reshape(_as(xp, vector, dtype), recipe.param_shape)
-
-
-def power_of_two_scale(xp: ModuleType, low: Any, high: Any) -> Any:
-    """Per-channel ``2**-k`` with ``k = min(max(0, floor(log2(max|x|))), 126 or 1022)``, from the
-    channel minima ``low`` and maxima ``high``.
-
-    Multiplying by it brings every channel into ``[-2, 2]`` so squares cannot
-    overflow (float32 squares overflow from |x| ~ 1.8e19). Scaling by a power
-    of two is exact, so ordinary data give bit-for-bit the results they would
-    give unscaled; channels with |x| <= 1 get exactly 1. A channel holding Inf
-    gets 0 (its statistics become NaN, as they must); NaN keeps 1. ``k`` is at
-    most the exponent of the smallest normal number (126 in float32): a
-    subnormal scale would be flushed to zero where a library computes with
-    flush-to-zero (CuPy's kernels do), and ``2**-126`` already brings the
-    largest float32 into ``[-4, 4]``.
-    """
-    largest = xp.maximum(high, -low)
-    largest = xp.where(largest > 1.0, largest, xp.ones_like(largest))  # also NaN -> 1
-    most = -math.log2(xp.finfo(largest.dtype).smallest_normal)
-    return 2.0 ** -xp.minimum(xp.floor(xp.log2(largest)), xp.full_like(largest, most))
-
-
-def batch_statistics(
-    xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float, *, prescale: bool, want_var: bool
-) -> tuple[Statistics, Centered]:
-    """Corrected two-pass batch mean and biased variance.
-
-    Pass 1 gives ``mean0``; pass 2 reduces ``centered = x - mean0``, whose own
-    mean ``residual`` is the rounding error of pass 1 (large when |mean| >>
-    std in float32). Hence ``mean = mean0 + residual`` and
-    ``var = mean(centered**2) - residual**2`` (exact algebra), both with an
-    error set by the spread of the data rather than its offset.
-
-    With ``prescale`` (float32/float64 input; float16/bfloat16 input computed
-    in float32 cannot overflow) ``x`` is first multiplied by
-    :func:`power_of_two_scale`, and ``eps`` by its square (kept above the
-    smallest normal number, so a constant channel of huge values still
-    divides by a positive number); a constant channel takes its value as its
-    exact mean. The statistics are scaled back, exactly, before they are
-    returned. ``batch_var`` (only computed if ``want_var``, i.e. for a running
-    update) overflows to Inf when the true variance is beyond the dtype's
-    range -- the one place such data still overflow, with NumPy's warning.
-
-    Returns the statistics (in the input's units) and the :class:`Centered`
-    intermediate (in the scaled units) that :func:`scale_and_shift` reuses.
-    """
-    if recipe.count_per_channel == 0:
-        # An empty batch has no statistics: NaN, as NumPy's mean of nothing, but
-        # without its warning. The running update is skipped by the caller.
-        nan = xp.full((recipe.num_channels,), math.nan, dtype=x_compute.dtype, device=device(x_compute))
-        return Statistics(nan, nan, nan), Centered(x_compute, None, nan)
-    eps_scaled: Any = eps
-    scale = None
-    if prescale:
-        low = xp.min(x_compute, axis=recipe.reduce_axes)
-        high = xp.max(x_compute, axis=recipe.reduce_axes)
-        scale = power_of_two_scale(xp, low, high)
-        x_compute = x_compute * xp.reshape(scale, recipe.param_shape)
-        eps_scaled = _scaled_epsilon(xp, eps, scale)
-    mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
-    if scale is not None:
-        mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
-    return _corrected(xp, x_compute, mean0, scale, eps_scaled, recipe, eps=eps, want_var=want_var)
-
-
-def _corrected(
-    xp: ModuleType,
-    x_compute: Any,
-    mean0: Any,
-    scale: Any,
-    eps_scaled: Any,
-    recipe: Recipe,
-    *,
-    eps: float,
-    want_var: bool,
-    sums: ChannelSums | None = None,
-) -> tuple[Statistics, Centered]:
-    """The second pass of the corrected two-pass algorithm: ``x_compute`` (already
-    multiplied by ``scale``, if any) centred on ``mean0``, the residual mean and the
-    variance; statistics returned in the input's units. ``sums`` (default: ``xp.mean``
-    of each) computes the per-channel sums of the centred values and their squares."""
-    centered = x_compute - xp.reshape(mean0, recipe.param_shape)
-    if sums is None:
-        residual = xp.mean(centered, axis=recipe.reduce_axes)
-        mean_square = xp.mean(centered * centered, axis=recipe.reduce_axes)
-    else:
-        count = float(recipe.count_per_channel)
-        total, square_total = sums(xp, (centered, centered * centered), recipe)
-        residual, mean_square = total / count, square_total / count
-    batch_var = mean_square - residual * residual
-    invstd = 1.0 / xp.sqrt(batch_var + eps_scaled)
-    normalizer = Centered(centered, residual, invstd, mean0, scale)
-    mean = mean0 + residual
-    if scale is not None:  # back to the input's units (exact: powers of two, one at a time)
-        mean = mean / scale
-        # The floor on eps * scale**2 serves the output only (a constant channel's values are
-        # exactly 0 there); the invstd returned is 1 / sqrt(var + eps) wherever the variance
-        # fits the dtype, so a constant channel of huge values gets 1 / sqrt(eps). "Fits" is
-        # var_s / scale**2 <= largest, tested without overflow (var_s <= 4, scale >= 2**-126).
-        largest = float(xp.finfo(batch_var.dtype).max)
-        fits = batch_var * 0.25 / scale <= (largest * 0.25) * scale
-        var_in_range = xp.where(fits, batch_var, xp.zeros_like(batch_var)) / scale / scale
-        invstd = xp.where(fits, 1.0 / xp.sqrt(var_in_range + eps), invstd * scale)
-        batch_var = batch_var / scale / scale if want_var else None
-    return Statistics(mean, invstd, batch_var), normalizer
-
-
-def _scaled_epsilon(xp: ModuleType, eps: float, scale: Any) -> Any:
-    """``eps * scale**2``, kept above the smallest normal number (a constant channel of
-    huge values must still divide by a positive number)."""
-    return xp.maximum(eps * scale * scale, xp.full_like(scale, xp.finfo(scale.dtype).smallest_normal))
-
-
-FirstPass = Callable[[ModuleType, Any, Recipe, float], tuple[Any, Any, Any]]
-"""``first(xp, x_compute, recipe, shrink)`` -> per-channel ``(min(x), max(x), sum(x * shrink))``."""
-
-ChannelSums = Callable[[ModuleType, tuple[Any, ...], Recipe], tuple[Any, ...]]
-"""``sums(xp, arrays, recipe)`` -> the per-channel sum of each full-size array."""
-
-
-def first_pass(xp: ModuleType, x_compute: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
-    """:func:`fused_statistics`' first pass, three reductions of ``x_compute``:
-    ``(min(x), max(x), sum(x * shrink))`` per channel."""
-    axes = recipe.reduce_axes
-    low, high = xp.min(x_compute, axis=axes), xp.max(x_compute, axis=axes)
-    return low, high, xp.sum(x_compute * shrink, axis=axes)
-
-
-def fused_statistics(
-    xp: ModuleType,
-    x_compute: Any,
-    recipe: Recipe,
-    eps: float,
-    *,
-    first: FirstPass = first_pass,
-    sums: ChannelSums | None = None,
-) -> tuple[Statistics, Centered]:
-    """:func:`batch_statistics` with ``prescale=True``, in two reading passes of ``x``
-    instead of three, for compilers that can compute several reductions of one input
-    in one pass (XLA on GPUs).
-
-    Pass 1 takes, side by side, ``min(x)``, ``max(x)`` (for the prescale) and the sum of
-    ``x * 2**-k`` with ``2**k >= n`` (n the count per channel), which cannot overflow;
-    ``mean0`` is that sum times ``2**k`` and the prescale, divided by n. Scaling by a
-    power of two is exact, so this is the mean of ``x`` times the prescale, bit for bit,
-    except where ``x * 2**-k`` is subnormal (``|x|`` below ``2**k`` times the smallest
-    normal number), which costs ``mean0`` bits that pass 2's residual corrects. Pass 2 is
-    the corrected algorithm's, on ``x`` times the prescale: ``mean0`` need not be exact,
-    only close (the residual corrects it), and it is as close as the agnostic ``mean0``.
-    NaN and Inf give NaN statistics, as there. Float32/float64 input, a non-empty batch.
-    ``Centered.values`` is None: form it with :func:`recentered`. ``first`` computes
-    pass 1 (:func:`first_pass`'s three results) and ``sums`` pass 2's two sums (default
-    ``xp.mean``); a backend may compute them in other orders (:mod:`._jax_fast`).
-    """
-    count = recipe.count_per_channel
-    shrink = 2.0 ** -(count - 1).bit_length()  # 2**-k, k = ceil(log2(n))
-    low, high, shrunk_total = first(xp, x_compute, recipe, shrink)
-    scale = power_of_two_scale(xp, low, high)
-    mean0 = shrunk_total * (scale / shrink) / float(count)  # scale / shrink: a power of two, exact
-    mean0 = xp.where(low == high, high * scale, mean0)  # constant channel: centered is exactly 0
-    scaled = x_compute * xp.reshape(scale, recipe.param_shape)
-    eps_scaled = _scaled_epsilon(xp, eps, scale)
-    stats, centered = _corrected(xp, scaled, mean0, scale, eps_scaled, recipe, eps=eps, want_var=True, sums=sums)
-    return stats, centered._replace(values=None)
-
-
-def one_pass_statistics(xp: ModuleType, x_compute: Any, recipe: Recipe, eps: float) -> tuple[Statistics, Centered]:
-    """Mean and biased variance from ``mean(x)`` and ``mean(x**2)``: two reductions of
-    ``x`` itself, with no full-size intermediate (a compiler reads ``x`` once for
-    each, or once for both). ``Centered.values`` is None: form it with :func:`recentered`.
-
-    Trustworthy only where ``mean**2 <= var`` for every channel (see
-    :func:`one_pass_unsafe`): then ``mean(x**2) <= 2 var``, so the subtraction
-    ``var = mean(x**2) - mean**2`` loses at most one bit, and leaving out the
-    corrected algorithm's residual (the rounding error of the mean, about
-    ``u * |mean|``) moves the output by about ``u * |mean| / std <= u``, what
-    that residual's own sum rounds anyway.
-    """
-    mean0 = xp.mean(x_compute, axis=recipe.reduce_axes)
-    batch_var = xp.mean(x_compute * x_compute, axis=recipe.reduce_axes) - mean0 * mean0
-    invstd = 1.0 / xp.sqrt(batch_var + eps)
-    centered = Centered(None, xp.zeros_like(mean0), invstd, mean0, xp.ones_like(mean0))
-    return Statistics(mean0, invstd, batch_var), centered
-
-
-def one_pass_unsafe(xp: ModuleType, stats: Statistics) -> Any:
-    """0-d bool: :func:`one_pass_statistics` cannot be used -- a channel with
-    ``mean**2 > var`` (cancellation), or statistics :func:`needs_prescale` rejects."""
-    return xp.any(stats.mean * stats.mean > stats.batch_var) | needs_prescale(xp, stats)
-
-
-def needs_prescale(xp: ModuleType, stats: Statistics) -> Any:
-    """0-d bool: statistics computed without prescaling that cannot be trusted --
-    a variance that overflowed (or NaN/Inf data), or a spread at the rounding
-    level of the mean (a numerically constant channel, which prescaling makes
-    exact)."""
-    spread = xp.sqrt(stats.batch_var)
-    resolution = (8 * xp.finfo(stats.mean.dtype).eps) * xp.abs(stats.mean)
-    suspicious = (spread <= resolution) & (stats.mean != 0.0)
-    return xp.any(~xp.isfinite(stats.batch_var)) | xp.any(suspicious)
-
-
-def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, dtype: Any, eps: float) -> Statistics:
-    """Eval-mode statistics from the running buffers."""
-    mean = _as(xp, running_mean, dtype)
-    invstd = 1.0 / xp.sqrt(_as(xp, running_var, dtype) + eps)
-    return Statistics(mean, invstd, None)
-
-
-def scale_and_shift(
-    xp: ModuleType, centered: Centered, weight: Any | None, bias: Any | None, recipe: Recipe, out_dtype: Any
-) -> Any:
-    """y = (values - residual) * (invstd * weight) + bias, folded into one
-    per-channel scale and shift so the full-size work is one multiply and one add."""
-    dtype = centered.values.dtype
-    scale = centered.invstd if weight is None else centered.invstd * _as(xp, weight, dtype)
-    shift = None if bias is None else _as(xp, bias, dtype)
-    if centered.residual is not None:
-        shift = -centered.residual * scale if shift is None else shift - centered.residual * scale
-    if shift is None:
-        out = centered.values * xp.reshape(scale, recipe.param_shape)
-    else:
-        out = multiply_add(
-            xp, centered.values, xp.reshape(scale, recipe.param_shape), xp.reshape(shift, recipe.param_shape)
-        )
-    return _as(xp, out, out_dtype)
+def unbiased_variance(var: Any, count: Any) -> Any:
+    """The running variance takes the unbiased batch variance, ``var * n / (n - 1)`` (PyTorch)."""
+    return var * (count / (count - 1))
 
 
 def updated_running_stats(
@@ -303,77 +81,703 @@ def updated_running_stats(
     running_var: Any,
     batch_mean: Any,
     batch_var: Any,
-    recipe: Recipe,
     factor: Any,
     *,
-    skip_nonfinite: bool = False,
+    count: Any,
+    skip_nonfinite: bool,
 ) -> tuple[Any, Any]:
-    """PyTorch's update: (1 - f) * old + f * new, with the UNBIASED batch variance.
+    """PyTorch's update ``(1 - f) * old + f * new`` in the batch statistics' dtype, the variance
+    unbiased; results in the running statistics' dtype.
 
-    ``factor`` is a Python float (momentum) or a 0-d array (the cumulative
-    average 1 / num_batches_tracked of a module with ``momentum=None``).
-    With ``skip_nonfinite``, a channel whose batch mean or variance is NaN or
-    Inf keeps its old values (a per-channel ``where``: no host sync, jit-safe).
-    """
-    if recipe.count_per_channel == 0:  # empty batch: statistics unchanged (PyTorch)
-        return running_mean, running_var
+    ``factor`` is a Python float (momentum) or a 0-d array (:func:`update_factor`). With
+    ``skip_nonfinite``, a channel whose batch mean or variance is NaN or Inf keeps its old
+    values (a per-channel ``where``: no host synchronisation)."""
     dtype = batch_mean.dtype
-    unbiased_var = batch_var * (recipe.count_per_channel / (recipe.count_per_channel - 1))
+    old_mean, old_var = _as(xp, running_mean, dtype), _as(xp, running_var, dtype)
+    new_var = unbiased_variance(batch_var, count)
     keep = 1.0 - factor
-    new_mean = keep * _as(xp, running_mean, dtype) + factor * batch_mean
-    new_var = keep * _as(xp, running_var, dtype) + factor * unbiased_var
+    updated_mean = keep * old_mean + factor * batch_mean
+    updated_var = keep * old_var + factor * new_var
     if skip_nonfinite:
-        finite = xp.isfinite(batch_mean) & xp.isfinite(unbiased_var)
-        new_mean = xp.where(finite, new_mean, _as(xp, running_mean, dtype))
-        new_var = xp.where(finite, new_var, _as(xp, running_var, dtype))
-    return (
-        _as(xp, new_mean, running_mean.dtype),
-        _as(xp, new_var, running_var.dtype),
+        finite = xp.isfinite(batch_mean) & xp.isfinite(new_var)
+        updated_mean = xp.where(finite, updated_mean, old_mean)
+        updated_var = xp.where(finite, updated_var, old_var)
+    return _as(xp, updated_mean, running_mean.dtype), _as(xp, updated_var, running_var.dtype)
+
+
+def untrusted(xp: ModuleType, mean: Any, var: Any, dtype: Any, offset: Any = None) -> Any:
+    """Per channel: statistics taken without prescaling that cannot be used -- a variance
+    beyond ``dtype``'s range (overflow, NaN or Inf data), or a spread at the rounding level of
+    the mean (numerically constant: :data:`CONSTANT_CHANNEL_ULPS`); with ``offset`` (the mean of
+    the values minus the shift they were summed about), also a variance below ``offset**2``,
+    where ``squares / n - offset**2`` cancels. (A square that overflows only rejects more.)"""
+    info = xp.finfo(dtype)
+    resolution = (CONSTANT_CHANNEL_ULPS * float(info.eps)) * xp.abs(mean)
+    floor = resolution * resolution
+    if offset is not None:
+        floor = xp.maximum(floor, offset * offset)
+    return ~(var <= float(info.max)) | (var < floor)
+
+
+def _short_form(xp: ModuleType, mean: Any, var: Any, scale: Any) -> Any:
+    """Per channel: ``x * scale + (b - mean * scale)`` may stand for ``(x - mean) * scale + b``
+    (:data:`SHORT_FORM_MEAN_OVER_STD`)."""
+    bound = SHORT_FORM_MEAN_OVER_STD * SHORT_FORM_MEAN_OVER_STD
+    return (mean * mean <= bound * var) | (xp.abs(mean * scale) <= 1.0)
+
+
+def _as(xp: ModuleType, array: Any, dtype: Any) -> Any:
+    """``astype`` that costs nothing when the dtype is already right."""
+    return array if array.dtype == dtype else xp.astype(array, dtype)
+
+
+# ------------------------------------------------------------------------ moments
+
+
+class ShiftedSums(NamedTuple):
+    """Per-channel sums of ``c = x * scale - shift`` and of ``c**2``: what one reading pass gives."""
+
+    shift: Any
+    """Per channel, a value of the dtype close to the mean of ``x * scale`` (or None: 0)."""
+    total: Any
+    squares: Any
+    scale: Any
+    """Per-channel power of two (None: 1)."""
+
+
+class Moments(NamedTuple):
+    """Per-channel moments of ``x * scale``, about ``shift``."""
+
+    count: Any
+    """Values per channel (a Python int, or an array)."""
+    shift: Any
+    """Per-channel value of the dtype the moments are taken about (None: 0)."""
+    mean: Any
+    """Mean of ``x * scale - shift``."""
+    m2: Any
+    """Sum of the squared deviations of ``x * scale`` from its mean."""
+    scale: Any
+    """Per-channel power of two ``x`` was multiplied by (None: 1), so that nothing overflows."""
+
+
+def moments_from_sums(xp: ModuleType, sums: ShiftedSums, count: Any) -> Moments:
+    """The moments of one pass's sums: ``mean = total / n``, ``M2 = squares - total * mean``."""
+    mean = sums.total / count
+    return Moments(count, sums.shift, mean, sums.squares - sums.total * mean, sums.scale)
+
+
+def merge_moments(xp: ModuleType, first: Moments, second: Moments) -> Moments:
+    """Moments of the union of two sets of values (Chan, Golub and LeVeque's parallel formula):
+    ``delta = mean_b - mean_a``, ``mean = mean_a + delta * n_b / n``,
+    ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / n``; about ``first``'s shift, in the finer of the
+    two scales (powers of two: the rescaling is exact). A set of no values changes nothing."""
+    if first.scale is not None or second.scale is not None:
+        scale = _finer(xp, first.scale, second.scale)
+        first, second = _rescaled(xp, first, scale), _rescaled(xp, second, scale)
+    else:
+        scale = None
+    delta = second.mean - first.mean
+    if first.shift is not None or second.shift is not None:
+        delta = delta + (_zero_if_none(xp, second.shift, delta) - _zero_if_none(xp, first.shift, delta))
+    count = first.count + second.count
+    weight = _ratio(xp, second.count, count)
+    mean = first.mean + delta * weight
+    m2 = first.m2 + second.m2 + delta * delta * (first.count * weight)
+    return Moments(count, first.shift, mean, m2, scale)
+
+
+def _finer(xp: ModuleType, a: Any, b: Any) -> Any:
+    if a is None:
+        return xp.minimum(b, xp.ones_like(b))
+    if b is None:
+        return xp.minimum(a, xp.ones_like(a))
+    return xp.minimum(a, b)
+
+
+def _rescaled(xp: ModuleType, moments: Moments, scale: Any) -> Moments:
+    """``moments`` of ``x * scale`` instead of ``x * moments.scale`` (``scale`` the finer)."""
+    ratio = scale if moments.scale is None else scale / moments.scale
+    shift = None if moments.shift is None else moments.shift * ratio
+    return moments._replace(shift=shift, mean=moments.mean * ratio, m2=moments.m2 * ratio * ratio, scale=scale)
+
+
+def _zero_if_none(xp: ModuleType, value: Any, like: Any) -> Any:
+    return xp.zeros_like(like) if value is None else value
+
+
+def _ratio(xp: ModuleType, part: Any, whole: Any) -> Any:
+    """``part / whole``, 0 where ``whole`` is 0 (an empty set merges as nothing)."""
+    if isinstance(whole, int):
+        return part / whole if whole else 0.0
+    return xp.where(whole > 0, part / xp.maximum(whole, xp.ones_like(whole)), xp.zeros_like(whole))
+
+
+class Statistics(NamedTuple):
+    """Per-channel statistics of one batch, in the moments' dtype."""
+
+    mean: Any
+    var: Any
+    """Biased variance; Inf where it is beyond the dtype's range."""
+    invstd: Any
+    """``1 / sqrt(var + eps)``."""
+    normalizer: Any
+    """``invstd`` in the units of ``x * scale`` (what the output multiplies ``x * scale - shift`` by)."""
+
+
+def statistics(xp: ModuleType, moments: Moments, eps: float, *, dtype: Any) -> Statistics:
+    """Mean, variance and ``invstd`` of the moments, in the input's units and the moments' dtype.
+
+    Prescaled moments (``scale`` not None) are scaled back exactly. The normalizer divides by
+    ``sqrt(var_s + max(eps * scale**2, smallest normal of dtype))``: the floor keeps a constant
+    channel of huge values (whose scaled ``eps`` underflows) dividing by a positive number, a
+    finite normalizer in the compute ``dtype``, and serves only the output, where that
+    channel's values are exactly 0. The ``invstd`` returned is ``1 / sqrt(var + eps)`` wherever
+    the variance fits the moments' dtype (so that channel gets ``1 / sqrt(eps)``), else the
+    normalizer scaled back."""
+    var_s = moments.m2 / moments.count
+    shift = moments.shift
+    mean = moments.mean if shift is None else _as(xp, shift, var_s.dtype) + moments.mean
+    if moments.scale is None:
+        invstd = 1.0 / xp.sqrt(var_s + eps)
+        return Statistics(mean, var_s, invstd, invstd)
+    scale = _as(xp, moments.scale, var_s.dtype)
+    floor = xp.full_like(scale, float(xp.finfo(dtype).smallest_normal))
+    normalizer = 1.0 / xp.sqrt(var_s + xp.maximum(eps * scale * scale, floor))
+    # var_s / scale**2 <= largest, tested without overflow (var_s <= 4, scale >= smallest normal)
+    fits = var_s * 0.25 / scale <= (float(xp.finfo(var_s.dtype).max) * 0.25) * scale
+    var = xp.where(fits, var_s, xp.zeros_like(var_s)) / scale / scale
+    invstd = xp.where(fits, 1.0 / xp.sqrt(var + eps), normalizer * scale)
+    beyond = xp.where(var_s > 0.0, xp.full_like(var_s, math.inf), var_s)  # Inf; NaN stays NaN
+    return Statistics(mean / scale, xp.where(fits, var, beyond), invstd, normalizer)
+
+
+def power_of_two_scale(xp: ModuleType, low: Any, high: Any) -> Any:
+    """Per-channel ``2**-k``, ``k = min(max(0, floor(log2(max|x|))), -log2(smallest normal))``,
+    from the channels' minima and maxima (in the input's dtype).
+
+    Multiplying by it brings every channel into ``[-2, 2]``, so squares cannot overflow;
+    being a power of two it is exact, and channels with ``|x| <= 1`` get exactly 1. A channel
+    holding Inf gets 0 (its statistics become NaN, as they must); NaN keeps 1. ``k`` stops at
+    the exponent of the smallest normal number (126 in float32): a subnormal scale would be
+    flushed to zero where a library computes with flush-to-zero, and ``2**-126`` already brings
+    the largest float32 into ``[-4, 4]``."""
+    largest = xp.maximum(high, -low)
+    largest = xp.where(largest > 1.0, largest, xp.ones_like(largest))  # also NaN -> 1
+    most = -math.log2(float(xp.finfo(largest.dtype).smallest_normal))
+    return 2.0 ** -xp.minimum(xp.floor(xp.log2(largest)), xp.full_like(largest, most))
+
+
+# --------------------------------------------------------------- the routes to a batch's sums
+
+
+def batch_statistics(
+    prims: Primitives, x: Any, recipe: Recipe, finish: Callable[[ShiftedSums, str | None], Any]
+) -> tuple[ShiftedSums, Any]:
+    """The sums of a non-empty batch ``x`` (in its compute dtype), about a shift close enough to
+    the mean that its moments lose at most a bit, and ``finish(sums, verdict)`` of them: the
+    per-channel vectors, with a field ``unsafe`` saying where the ``verdict`` rejects them.
+
+    Without value-dependent choices: the prescaled route (:func:`prescaled_sums`), exact on any
+    data (verdict None). With them: one reading pass about a guessed shift
+    (:func:`sample_shift`), kept unless the guess was off by more than a standard deviation or
+    :func:`untrusted` rejects the statistics (verdict ``"shift"``); then a pass about the mean
+    just found (the corrected two-pass algorithm), kept unless :func:`untrusted` rejects it
+    (verdict ``"mean"``); then the prescaled route. Returns the sums and the vectors, ``unsafe``
+    None."""
+    xp = prims.xp
+
+    def prescaled() -> tuple[ShiftedSums, Any]:
+        sums = prescaled_sums(prims, x, recipe)
+        return sums, finish(sums, None)
+
+    if not prims.branches:
+        return prescaled()
+    quick = shifted_sums(prims, x, recipe, None, sample_shift(xp, x, recipe))
+    quick_vectors = finish(quick, "shift")
+
+    def about_the_mean() -> tuple[ShiftedSums, Any]:
+        again = shifted_sums(prims, x, recipe, None, quick_vectors.mean)
+        vectors = finish(again, "mean")
+        return prims.branch(xp.any(vectors.unsafe), prescaled, lambda: (again, vectors._replace(unsafe=None)))
+
+    return prims.branch(
+        xp.any(quick_vectors.unsafe), about_the_mean, lambda: (quick, quick_vectors._replace(unsafe=None))
     )
 
 
-def backward(
+def shifted_sums(prims: Primitives, x: Any, recipe: Recipe, scale: Any, shift: Any) -> ShiftedSums:
+    total, squares = prims.shifted_sums(x, recipe, scale, shift)
+    return ShiftedSums(shift, total, squares, scale)
+
+
+def sample_shift(xp: ModuleType, x: Any, recipe: Recipe) -> Any:
+    """A guess of each channel's mean: the mean of the batch where a channel has no more values
+    than a sample holds, else of a few values (:attr:`~._recipe.Recipe.sample_index`) where
+    those are off-centre (``mean**2 > var`` among them), else 0 (no subtraction)."""
+    if recipe.count_per_channel <= SAMPLE_SIZE:
+        return xp.mean(x, axis=recipe.reduce_axes)
+    sample = x[recipe.sample_index]
+    mean = xp.mean(sample, axis=recipe.reduce_axes)
+    deviation = sample - xp.reshape(mean, recipe.param_shape)
+    var = xp.mean(deviation * deviation, axis=recipe.reduce_axes)
+    return xp.where(mean * mean <= var, xp.zeros_like(mean), mean)
+
+
+def _verdict(xp: ModuleType, moments: Moments, mean: Any, var: Any, verdict: str | None, dtype: Any) -> Any:
+    """Per channel, where statistics taken about a shift are rejected (:func:`untrusted`; None:
+    never): with ``"shift"`` (a guessed shift), also where it was off by more than a standard
+    deviation."""
+    if verdict is None:
+        return None
+    return untrusted(xp, mean, var, dtype, moments.mean if verdict == "shift" else None)
+
+
+def prescaled_sums(prims: Primitives, x: Any, recipe: Recipe) -> ShiftedSums:
+    """The sums of ``x * scale - shift``, ``scale`` from :func:`power_of_two_scale`, in two
+    reading passes of ``x``.
+
+    Pass 1 takes ``min(x)``, ``max(x)`` and the sum of ``x * 2**-k`` with ``2**k >= n``, which
+    cannot overflow; ``shift`` is that sum times ``2**k * scale / n`` (the mean of ``x * scale``,
+    up to rounding: the sums correct it), and for a constant channel its exact value. Pass 2
+    sums ``x * scale - shift`` and its square: values in ``[-4, 4]``."""
+    count = recipe.count_per_channel
+    shrink = 2.0 ** -(count - 1).bit_length()
+    low, high, shrunk_total = prims.first_pass(x, recipe, shrink)
+    scale, shift = prims.per_channel(
+        _scale_and_shift, low, high, shrunk_total, count=count, shrink=shrink, dtype=x.dtype
+    )
+    return shifted_sums(prims, x, recipe, scale, shift)
+
+
+def _scale_and_shift(
+    xp: ModuleType, low: Any, high: Any, shrunk_total: Any, *, count: int, shrink: float, dtype: Any
+) -> tuple[Any, Any]:
+    low, high = _as(xp, low, dtype), _as(xp, high, dtype)  # values of x: exact
+    scale = power_of_two_scale(xp, low, high)
+    mean = shrunk_total * _as(xp, scale / shrink, shrunk_total.dtype) / count
+    shift = xp.where(low == high, high * scale, _as(xp, mean, dtype))  # a constant channel: exactly
+    return scale, shift
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+class Result(NamedTuple):
+    """Output, new running statistics (or the given ones, or None), mean and invstd."""
+
+    output: Any
+    running_mean: Any
+    running_var: Any
+    mean: Any
+    invstd: Any
+
+
+class _TrainVectors(NamedTuple):
+    mean: Any
+    invstd: Any
+    running_mean: Any
+    running_var: Any
+    mult: Any
+    add: Any
+    short_mult: Any
+    short_add: Any
+    short: Any
+    unsafe: Any
+
+
+def _train_vectors(
     xp: ModuleType,
+    shift: Any,
+    total: Any,
+    squares: Any,
+    scale: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    factor: Any,
+    *,
+    count: int,
+    eps: float,
+    dtype: Any,
+    skip_nonfinite: bool,
+    short: bool,
+    verdict: str | None,
+) -> _TrainVectors:
+    """Everything per channel after the sums: statistics, the running update, the output's
+    ``mult`` and ``add`` for ``(x * scale - shift) * mult + add`` (with ``short``, also those of
+    ``x * mult + add`` and whether they may serve everywhere), and where ``verdict`` rejects
+    the statistics (:func:`_verdict`)."""
+    moments = moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
+    stats = statistics(xp, moments, eps, dtype=dtype)
+    unsafe = _verdict(xp, moments, stats.mean, stats.var, verdict, dtype)
+    mult = stats.normalizer if weight is None else stats.normalizer * _as(xp, weight, stats.mean.dtype)
+    add = -moments.mean * mult if bias is None else _as(xp, bias, mult.dtype) - moments.mean * mult
+    short_mult = short_add = short_ok = None
+    if short:
+        short_mult = stats.invstd if weight is None else stats.invstd * _as(xp, weight, stats.mean.dtype)
+        short_add = -stats.mean * short_mult if bias is None else _as(xp, bias, mult.dtype) - stats.mean * short_mult
+        short_ok = xp.all(_short_form(xp, stats.mean, stats.var, short_mult))
+    mean, invstd = _as(xp, stats.mean, dtype), _as(xp, stats.invstd, dtype)
+    if running_mean is not None:
+        running_mean, running_var = updated_running_stats(
+            xp,
+            detach(xp, running_mean),
+            detach(xp, running_var),
+            detach(xp, mean),
+            detach(xp, _as(xp, stats.var, dtype)),
+            factor,
+            count=count,
+            skip_nonfinite=skip_nonfinite,
+        )
+    return _TrainVectors(mean, invstd, running_mean, running_var, mult, add, short_mult, short_add, short_ok, unsafe)
+
+
+def train_forward(
+    prims: Primitives,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    factor: Any,
+    eps: float,
+    skip_nonfinite: bool,
+) -> Result:
+    """Normalize with the batch statistics; update the running ones (if given) with ``factor``."""
+    xp = prims.xp
+    dtype = compute_dtype(xp, x.dtype)
+    x_compute = _as(xp, x, dtype)
+    count = recipe.count_per_channel
+    if count == 0:  # an empty batch has no statistics: NaN, and the running ones stay (PyTorch)
+        nan = xp.full((recipe.num_channels,), math.nan, dtype=dtype, device=_device(x))
+        return Result(xp.empty_like(x), running_mean, running_var, nan, nan)
+
+    def finish(sums: ShiftedSums, verdict: str | None) -> _TrainVectors:
+        return prims.per_channel(
+            _train_vectors,
+            *sums,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            factor,
+            count=count,
+            eps=eps,
+            dtype=dtype,
+            skip_nonfinite=skip_nonfinite,
+            short=prims.eager,
+            verdict=verdict,
+        )
+
+    with prims.quiet():
+        sums, vectors = batch_statistics(prims, x_compute, recipe, finish)
+        if prims.eager and bool(vectors.short):
+            output = prims.affine(x_compute, recipe, None, None, vectors.short_mult, vectors.short_add)
+        else:
+            output = prims.affine(x_compute, recipe, sums.scale, sums.shift, vectors.mult, vectors.add)
+    if running_mean is not None:
+        running_mean, running_var = vectors.running_mean, vectors.running_var
+    return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
+
+
+class _EvalVectors(NamedTuple):
+    mean: Any
+    invstd: Any
+    mult: Any
+    add: Any
+    short_add: Any
+    short: Any
+
+
+def running_statistics(xp: ModuleType, running_mean: Any, running_var: Any, *, dtype: Any, eps: float) -> Statistics:
+    """Eval-mode statistics: the running mean and ``1 / sqrt(running_var + eps)``, in ``dtype``."""
+    mean, var = _as(xp, running_mean, dtype), _as(xp, running_var, dtype)
+    invstd = 1.0 / xp.sqrt(var + eps)
+    return Statistics(mean, var, invstd, invstd)
+
+
+def _eval_vectors(
+    xp: ModuleType, running_mean: Any, running_var: Any, weight: Any, bias: Any, *, eps: float, dtype: Any, short: bool
+) -> _EvalVectors:
+    stats = running_statistics(xp, running_mean, running_var, dtype=dtype, eps=eps)
+    mult = stats.invstd if weight is None else stats.invstd * _as(xp, weight, dtype)
+    add = None if bias is None else _as(xp, bias, dtype)
+    short_add = short_ok = None
+    if short:
+        short_add = -stats.mean * mult if add is None else add - stats.mean * mult
+        short_ok = xp.all(_short_form(xp, stats.mean, stats.var, mult))
+    return _EvalVectors(stats.mean, stats.invstd, mult, add, short_add, short_ok)
+
+
+def eval_forward(
+    prims: Primitives,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    eps: float,
+) -> Result:
+    """Normalize with the running statistics: ``(x - running_mean) * invstd * weight + bias``."""
+    xp = prims.xp
+    dtype = compute_dtype(xp, x.dtype)
+    x_compute = _as(xp, x, dtype)
+    with prims.quiet():
+        vectors = prims.per_channel(
+            _eval_vectors, running_mean, running_var, weight, bias, eps=eps, dtype=dtype, short=prims.eager
+        )
+        if prims.eager and bool(vectors.short):
+            output = prims.affine(x_compute, recipe, None, None, vectors.mult, vectors.short_add)
+        else:
+            output = prims.affine(x_compute, recipe, None, vectors.mean, vectors.mult, vectors.add)
+    return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
+
+
+def _device(x: Any) -> Any:
+    from ._compat import device
+
+    return device(x)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+class _BackwardVectors(NamedTuple):
+    grad_weight: Any
+    grad_bias: Any
+    k: Any
+    f: Any
+    c: Any
+    short_c: Any
+    short: Any
+
+
+def _backward_vectors(
+    xp: ModuleType,
+    mean: Any,
+    invstd: Any,
+    weight: Any,
+    grad_bias: Any,
+    grad_weight: Any,
+    *,
+    count: int,
+    dtype: Any,
+    param_dtype: Any,
+    training: bool,
+    short: bool,
+) -> _BackwardVectors:
+    """``grad_input = g * k + (x - mean) * f + c`` with ``k = invstd * weight`` and, in training
+    (the statistics depend on ``x``), ``f = -k * invstd * grad_weight / n``,
+    ``c = -k * grad_bias / n``; in eval ``f = c = 0``."""
+    acc = grad_bias.dtype
+    invstd_acc = _as(xp, invstd, acc)
+    k = invstd_acc if weight is None else invstd_acc * _as(xp, weight, acc)
+    f = c = short_c = short_ok = None
+    if training:
+        f = -(k * invstd_acc * grad_weight) / count
+        c = -(k * grad_bias) / count
+        if short:
+            # x * f + (c - mean * f) rounds a value of size |mean * f|: within what the
+            # longer form rounds where that is at most max(1, |c|)
+            mean_acc = _as(xp, mean, acc)
+            short_c = c - mean_acc * f
+            short_ok = xp.all(xp.abs(mean_acc * f) <= xp.maximum(xp.abs(c), xp.ones_like(c)))
+        f, c, short_c = (None if v is None else _as(xp, v, dtype) for v in (f, c, short_c))
+    return _BackwardVectors(
+        _as(xp, grad_weight, param_dtype), _as(xp, grad_bias, param_dtype), _as(xp, k, dtype), f, c, short_c, short_ok
+    )
+
+
+def backward_sums(prims: Primitives, grad: Any, x: Any, mean: Any, invstd: Any, recipe: Recipe) -> tuple[Any, Any]:
+    """``sum(g)`` and ``sum(g * xhat)``, ``xhat = (x - mean) * invstd``, per channel.
+
+    Where the backend can choose by values and every channel has ``|mean| * invstd <= 1``:
+    ``(sum(g * x) - mean * sum(g)) * invstd``, reductions of the inputs themselves, whose extra
+    error in ``grad_weight`` is at most that of rounding ``sum(g)``; kept unless a sum
+    overflowed. Otherwise the sums of ``g * xhat`` (values of the size of ``g``)."""
+
+    def centred() -> tuple[Any, Any]:
+        return prims.product_sums(grad, x, recipe, mean, invstd)
+
+    if not prims.branches:
+        return centred()
+    xp = prims.xp
+
+    def uncentred() -> tuple[Any, Any]:
+        grad_bias, grad_x = prims.product_sums(grad, x, recipe, None, None)
+        grad_weight = prims.per_channel(_uncentred_grad_weight, grad_bias, grad_x, mean, invstd)
+        return prims.branch(~xp.all(xp.isfinite(grad_weight)), centred, lambda: (grad_bias, grad_weight))
+
+    return prims.branch(xp.any(xp.abs(mean * invstd) > 1.0), centred, uncentred)
+
+
+def _uncentred_grad_weight(xp: ModuleType, grad_bias: Any, grad_x: Any, mean: Any, invstd: Any) -> Any:
+    acc = grad_bias.dtype
+    return (grad_x - _as(xp, mean, acc) * grad_bias) * _as(xp, invstd, acc)
+
+
+def backward(
+    prims: Primitives,
     grad_output: Any,
     x: Any,
-    weight: Any | None,
+    weight: Any,
     mean: Any,
     invstd: Any,
     recipe: Recipe,
     *,
     training: bool,
-    sums: Any = None,
 ) -> tuple[Any, Any, Any]:
-    """Analytic gradients of :func:`scale_and_shift` composed with the statistics.
-
-    training: dx = w * invstd * (g - sum(g)/n - xhat * sum(g * xhat)/n)
-    eval:     dx = g * w * invstd   (the statistics are constants)
-
-    ``sums(xp, grad, x, mean, invstd, recipe)``, if given, returns ``sum(g)`` and
-    ``sum(g * xhat)`` (all in the compute dtype) in place of the plain reductions.
-    """
+    """Analytic gradients of the forward: ``grad_bias = sum(g)``, ``grad_weight = sum(g * xhat)``;
+    training ``dx = weight * invstd * (g - sum(g)/n - xhat * sum(g * xhat)/n)``, eval
+    ``dx = g * weight * invstd`` (the statistics are constants)."""
+    xp = prims.xp
     dtype = compute_dtype(xp, x.dtype)
-    grad = _as(xp, grad_output, dtype)
-    x_c = _as(xp, x, dtype)
-    xhat = (x_c - _channel(xp, mean, recipe, dtype)) * _channel(xp, invstd, recipe, dtype)
-    if sums is None:
-        grad_bias = xp.sum(grad, axis=recipe.reduce_axes)
-        grad_weight = xp.sum(grad * xhat, axis=recipe.reduce_axes)
-    else:
-        grad_bias, grad_weight = sums(xp, grad, x_c, _as(xp, mean, dtype), _as(xp, invstd, dtype), recipe)
-    invstd_c = _as(xp, invstd, dtype)
-    scale = invstd_c if weight is None else invstd_c * _as(xp, weight, dtype)
-    if training:
-        count = max(recipe.count_per_channel, 1)  # n = 0: every sum is 0 and grad_input is empty
-        grad = (
-            grad
-            - xp.reshape(grad_bias / count, recipe.param_shape)
-            - xhat * xp.reshape(grad_weight / count, recipe.param_shape)
-        )
-    grad_input = grad * xp.reshape(scale, recipe.param_shape)
+    grad, x_compute = _as(xp, grad_output, dtype), _as(xp, x, dtype)
+    mean_c, invstd_c = _as(xp, mean, dtype), _as(xp, invstd, dtype)
     param_dtype = dtype if weight is None else weight.dtype
-    return (
-        _as(xp, grad_input, x.dtype),
-        _as(xp, grad_weight, param_dtype),
-        _as(xp, grad_bias, param_dtype),
+    with prims.quiet():
+        if recipe.count_per_channel == 0:  # every sum is 0 and the input gradient is empty
+            zeros = xp.zeros((recipe.num_channels,), dtype=param_dtype, device=_device(x))
+            return xp.empty_like(x), zeros, xp.zeros_like(zeros)
+        grad_bias, grad_weight = backward_sums(prims, grad, x_compute, mean_c, invstd_c, recipe)
+        vectors = prims.per_channel(
+            _backward_vectors,
+            mean_c,
+            invstd_c,
+            weight,
+            grad_bias,
+            grad_weight,
+            count=recipe.count_per_channel,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            training=training,
+            short=prims.eager,
+        )
+        if not training:
+            grad_input = prims.affine(grad, recipe, None, None, vectors.k, None)
+        elif prims.eager and bool(vectors.short):
+            grad_input = prims.grad_input(grad, x_compute, recipe, vectors.k, None, vectors.f, vectors.short_c)
+        else:
+            grad_input = prims.grad_input(grad, x_compute, recipe, vectors.k, mean_c, vectors.f, vectors.c)
+    return _as(xp, grad_input, x.dtype), vectors.grad_weight, vectors.grad_bias
+
+
+# ----------------------------------------------------------- native whole-op kernels
+
+
+class _NativeVectors(NamedTuple):
+    kept: Any
+    running_mean: Any
+    running_var: Any
+
+
+def _native_train_vectors(
+    xp: ModuleType,
+    mean: Any,
+    invstd: Any,
+    running_mean: Any,
+    running_var: Any,
+    factor: Any,
+    *,
+    count: int,
+    eps: float,
+    skip_nonfinite: bool,
+) -> _NativeVectors:
+    """Whether a native training result is kept, and the running update from it.
+
+    The kernel returns ``invstd = 1 / sqrt(var + eps)``, so ``var / (var + eps) = 1 - eps *
+    invstd**2``, and ``|mean| <= T * std`` (:data:`NATIVE_MEAN_OVER_STD`) is ``(mean * invstd)**2
+    <= T**2 * (1 - eps * invstd**2)``, tested with a margin for the rounding of ``invstd`` (a
+    share below 0 passes only a zero mean). NaN fails every comparison; an overflowed variance
+    shows as ``invstd == 0``. The biased variance for the update is ``1 / invstd**2 - eps``:
+    its error, a few roundings of ``var + eps``, is within the tolerance measured normwise."""
+    inv2 = invstd * invstd
+    margin = 1.0 - 8.0 * float(xp.finfo(invstd.dtype).eps)
+    share = xp.maximum(margin - eps * inv2, xp.zeros_like(inv2))
+    slack = (NATIVE_MEAN_OVER_STD * NATIVE_MEAN_OVER_STD) * share - mean * mean * inv2
+    kept = (slack >= 0.0) & (slack < math.inf) & (invstd > 0.0)
+    if running_mean is not None:
+        var = xp.maximum(1.0 / inv2 - eps, xp.zeros_like(inv2))
+        running_mean, running_var = updated_running_stats(
+            xp, running_mean, running_var, mean, var, factor, count=count, skip_nonfinite=skip_nonfinite
+        )
+    return _NativeVectors(kept, running_mean, running_var)
+
+
+def native_train_forward(
+    prims: Primitives,
+    native: NativeKernels,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    factor: Any,
+    eps: float,
+    skip_nonfinite: bool,
+) -> Result | None:
+    """Training by the backend's whole-op kernel, which computes the output, mean and
+    ``invstd``; the running update is :func:`updated_running_stats`'. None where the result is
+    not kept (see :func:`_native_train_vectors`): the caller runs :func:`train_forward`."""
+    xp = prims.xp
+    output, mean, invstd = native.train(x, weight, bias, eps)
+    checked = prims.per_channel(
+        _native_train_vectors,
+        detach(xp, mean),
+        detach(xp, invstd),
+        None if running_mean is None else detach(xp, running_mean),
+        None if running_var is None else detach(xp, running_var),
+        factor,
+        count=recipe.count_per_channel,
+        eps=eps,
+        skip_nonfinite=skip_nonfinite,
     )
+    if not bool(xp.all(checked.kept)):
+        return None
+    if running_mean is not None:
+        running_mean, running_var = checked.running_mean, checked.running_var
+    mean, invstd = native.differentiable_statistics(x, mean, invstd, eps)
+    return Result(output, running_mean, running_var, mean, invstd)
+
+
+def _native_eval_kept(xp: ModuleType, running_mean: Any, running_var: Any, *, eps: float) -> Any:
+    """Per channel: ``|running_mean| <= T * sqrt(running_var)`` (:data:`NATIVE_MEAN_OVER_STD`), in
+    the statistics' dtype (an overflow only fails the test), and ``eps > 0``."""
+    bound = NATIVE_MEAN_OVER_STD * NATIVE_MEAN_OVER_STD
+    slack = running_var * bound - running_mean * running_mean
+    return (slack >= 0.0) & (slack < math.inf) & (eps > 0.0)
+
+
+def native_eval_forward(
+    prims: Primitives,
+    native: NativeKernels,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    *,
+    eps: float,
+) -> Result | None:
+    """Eval by the backend's whole-op kernel (its output only: ``invstd`` is
+    :func:`running_statistics`'). A kernel that computes ``x * alpha + beta`` is used only where
+    :func:`_native_eval_kept` holds; None otherwise."""
+    xp = prims.xp
+    if native.short_form(x):
+        kept = prims.per_channel(_native_eval_kept, detach(xp, running_mean), detach(xp, running_var), eps=eps)
+        if not bool(xp.all(kept)):
+            return None
+    output = native.eval(x, running_mean, running_var, weight, bias, eps)
+    stats = prims.per_channel(running_statistics, running_mean, running_var, dtype=x.dtype, eps=eps)
+    return Result(output, running_mean, running_var, stats.mean, stats.invstd)
+
+
+PerChannel = Callable[..., Any]
+"""A function ``fn(xp, *vectors, **options)`` of per-channel arrays, run by ``prims.per_channel``."""

@@ -52,7 +52,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import __version__, batch_norm, batch_norm_backward
-from ._backends import BackendUnavailable, cupy_device_count
+from .testing._matrix import BackendUnavailable, cupy_device_count
 
 BACKENDS = ("numpy", "torch", "jax", "cupy", "torch_gpu", "jax_gpu")
 """Names as in ``python -m portable_bn check``; the GPU ones are skipped without a GPU."""

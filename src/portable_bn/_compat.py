@@ -10,13 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 from array_api_compat import (
     array_namespace,
     device,
     is_array_api_obj,
     is_cupy_array,
-    is_cupy_namespace,
     is_dask_array,
     is_jax_namespace,
     is_numpy_array,
@@ -25,15 +23,11 @@ from array_api_compat import (
     to_device,
 )
 
-_ndarray = np.ndarray
-_numpy_namespace = array_namespace(np.empty(0))
-
 __all__ = [
     "array_namespace",
     "as_parameter",
     "convert_array",
     "default_integer_dtype",
-    "is_cupy_namespace",
     "is_jax_namespace",
     "is_torch_namespace",
     "describe_namespace",
@@ -41,12 +35,13 @@ __all__ = [
     "device",
     "has_int_shape",
     "devices_differ",
-    "multiply_add",
     "namespace_of",
     "resolve_namespace",
     "same_eager_place",
     "to_numpy",
 ]
+
+_NUMPY = "array_api_compat.numpy"
 
 
 def describe_namespace(xp: ModuleType) -> str:
@@ -58,16 +53,18 @@ def describe_namespace(xp: ModuleType) -> str:
     return {"jax.numpy": "jax", "dask.array": "dask"}.get(name, name)
 
 
-_namespace_by_type: dict[type, ModuleType] = {_ndarray: _numpy_namespace}
-"""Types whose namespace depends on the type alone (NumPy, torch tensors, CuPy
-arrays), so a call skips array_namespace's checks (about 6 us per argument)."""
+_namespace_by_type: dict[type, ModuleType] = {}
+"""Types whose namespace depends on the type alone (NumPy arrays, torch tensors, CuPy
+arrays), so a call skips array_namespace's checks (about 6 us per argument). Filled as
+arrays are seen: no library is imported for it."""
+_numpy_types: set[type] = set()
 _torch_types: set[type] = set()
 _cupy_types: set[type] = set()  # device checks without array-api-compat's device(): about 7 us per vector (H200)
-_int_shape_types: set[type] = {_ndarray}
-"""The library's own array types (not subclasses such as torch's fake tensors,
+_int_shape_types: set[type] = set()
+"""The libraries' own array types (not subclasses such as torch's fake tensors,
 whose sizes may be symbolic): their shapes are tuples of Python ints."""
-_PLAIN_TYPES = {("torch", "Tensor"), ("torch", "Parameter"), ("cupy", "ndarray")}
-"""(top-level module, class name) of the types in ``_int_shape_types`` besides NumPy's."""
+_PLAIN_TYPES = {("numpy", "ndarray"), ("torch", "Tensor"), ("torch", "Parameter"), ("cupy", "ndarray")}
+"""(top-level module, class name) of the types in ``_int_shape_types``."""
 
 
 def namespace_of(value: Any, name: str) -> ModuleType:
@@ -82,13 +79,17 @@ def namespace_of(value: Any, name: str) -> ModuleType:
         )
     namespace = array_namespace(value)
     kind = type(value)
+    plain = (kind.__module__.partition(".")[0], kind.__name__) in _PLAIN_TYPES
     if is_torch_array(value):
         _namespace_by_type[kind] = namespace
         _torch_types.add(kind)
     elif is_cupy_array(value):
         _namespace_by_type[kind] = namespace
         _cupy_types.add(kind)
-    if (kind.__module__.partition(".")[0], kind.__name__) in _PLAIN_TYPES:
+    elif plain and is_numpy_array(value):
+        _namespace_by_type[kind] = namespace
+        _numpy_types.add(kind)
+    if plain:
         _int_shape_types.add(kind)
     return namespace
 
@@ -126,7 +127,7 @@ def devices_differ(a: Any, b: Any) -> bool:
     JAX tracers inside ``jax.jit`` report no device (array-api-compat returns
     None); placement is then JAX's business, so we do not call it a mismatch.
     """
-    if type(a) is _ndarray:  # NumPy has one device
+    if type(a) in _numpy_types:  # NumPy has one device
         return False
     if type(a) in _torch_types and type(b) in _torch_types:  # skips array-api-compat's device()
         return bool(a.device != b.device)
@@ -145,7 +146,7 @@ def same_eager_place(x: Any, value: Any) -> bool:
     kind = type(x)
     if type(value) is not kind:
         return False
-    if kind is _ndarray:
+    if kind in _numpy_types:
         return True
     if kind in _cupy_types:
         return bool(value.device.id == x.device.id)
@@ -153,33 +154,16 @@ def same_eager_place(x: Any, value: Any) -> bool:
     return kind in _torch_types and ((value.is_cpu and x.is_cpu) or bool(value.device == x.device))
 
 
-def values_are_cheap(x: Any) -> bool:
-    """True for eager arrays whose values the host can read at no cost and whose
-    overflow is silent: torch on the CPU, where a value-dependent shortcut is
-    allowed. (NumPy has its own fast path; never lazy or traced arrays -- Dask,
-    jax.jit --, GPU arrays, where reading means a sync, or torch "meta".)"""
-    return is_torch_array(x) and x.device.type == "cpu"
-
-
-def multiply_add(xp: ModuleType, values: Any, scale: Any, shift: Any) -> Any:
-    """``values * scale + shift``. torch: one fused ``addcmul`` kernel instead of
-    two passes and a temporary (same rounding as PyTorch's own kernels)."""
-    if is_torch_namespace(xp):
-        import torch
-
-        return torch.addcmul(shift, values, scale)
-    return values * scale + shift
-
-
 def detach(xp: ModuleType, x: Any) -> Any:
     """Cut autograd history: running statistics must never require grad."""
-    if xp is _numpy_namespace:
+    name = xp.__name__
+    if name == _NUMPY:
         return x
-    if is_torch_namespace(xp):
+    if name == "array_api_compat.torch":
         # torch: a running statistic computed from the batch would otherwise keep
         # the whole graph alive and make the next backward fail.
         return x.detach()
-    if is_jax_namespace(xp):
+    if name == "jax.numpy":
         # jax: jax.grad must not differentiate through running statistics.
         import jax
 
@@ -206,6 +190,8 @@ def default_integer_dtype(xp: ModuleType, dev: Any) -> Any:
 
 def to_numpy(value: Any) -> Any:
     """Host NumPy copy of any supported array (also the fallback route of convert_array)."""
+    import numpy as np
+
     if is_numpy_array(value):
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch: CUDA, grad, bfloat16

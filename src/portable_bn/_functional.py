@@ -1,21 +1,16 @@
-"""Public functions: thin entries that validate, resolve ``xp`` once and call
-the array-API implementation in :mod:`._agnostic`."""
+"""Public functions: thin entries that validate, resolve ``xp`` once, pick the primitive set
+(:func:`._dispatch.primitives`) and decide, in one visible place each, whether the library's
+own whole-op kernel serves; otherwise the implementation of :mod:`._agnostic` runs."""
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _agnostic, _numpy_fast, _validate
-from ._compat import detach, is_cupy_namespace, is_jax_namespace, is_torch_namespace, values_are_cheap
+from . import _agnostic, _dispatch, _validate
 from ._recipe import Recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
-
-FAST_PATHS = True
-"""Use backend-specific fast paths (:mod:`._numpy_fast`, :mod:`._torch_fast`,
-:mod:`._cupy_fast`, :mod:`._jax_fast`); the suite turns them off to compare."""
 
 
 class BatchNormResult(NamedTuple):
@@ -169,138 +164,29 @@ def forward(
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-
-    if FAST_PATHS and recipe.count_per_channel > 0 and is_torch_namespace(xp):
-        native = _torch_native_forward(
-            x, running_mean, running_var, weight, bias, recipe, training=training, factor=factor, eps=eps
-        )
-        if native is not None:
-            return native
-    if FAST_PATHS and recipe.count_per_channel > 0 and is_cupy_namespace(xp):
-        _cupy_fast = _cupy_fast_module()
-        if _cupy_fast.eligible(x):
-            if training:
-                return BatchNormResult(
-                    *_cupy_fast.train_forward(
-                        x,
-                        running_mean,
-                        running_var,
-                        weight,
-                        bias,
-                        recipe,
-                        factor=factor,
-                        eps=eps,
-                        skip_nonfinite=skip_nonfinite,
-                    )
-                )
-            evaluated = _cupy_fast.eval_forward(x, running_mean, running_var, weight, bias, recipe, eps=eps)
-            return BatchNormResult(*evaluated)
-    stats, output = _normalize(xp, x, running_mean, running_var, weight, bias, recipe, training=training, eps=eps)
-    if training and running_mean is not None:
-        running_mean, running_var = _agnostic.updated_running_stats(
-            xp,
-            detach(xp, running_mean),
-            detach(xp, running_var),
-            detach(xp, stats.mean),
-            detach(xp, stats.batch_var),
-            recipe,
-            factor,
-            skip_nonfinite=skip_nonfinite,
-        )
-    return BatchNormResult(output, running_mean, running_var, stats.mean, stats.invstd)
-
-
-@functools.cache
-def _cupy_fast_module() -> ModuleType:
-    """:mod:`._cupy_fast`, imported on first use (it imports cupy: only reached with CuPy
-    arrays); cached like :func:`_torch_fast_module`."""
-    from . import _cupy_fast
-
-    return _cupy_fast
-
-
-@functools.cache
-def _torch_fast_module() -> ModuleType:
-    """:mod:`._torch_fast`, imported on first use (it imports torch: only reached with
-    torch tensors); cached, as an import statement costs about 1 us per call."""
-    from . import _torch_fast
-
-    return _torch_fast
-
-
-def _torch_native_forward(
-    x: Any,
-    running_mean: Any,
-    running_var: Any,
-    weight: Any,
-    bias: Any,
-    recipe: Recipe,
-    *,
-    training: bool,
-    factor: Any,
-    eps: float,
-) -> BatchNormResult | None:
-    """PyTorch's own kernels where :mod:`._torch_fast` finds them as exact as ours, else None."""
-    _torch_fast = _torch_fast_module()
-
-    if not _torch_fast.eligible(
-        x, running_mean, running_var, channel_axis=recipe.channel_axis, differentiable=(x, weight, bias)
+    prims = _dispatch.primitives(xp, x, recipe)
+    native = prims.native
+    if native is not None and native.serves_forward(
+        x, running_mean, running_var, weight, bias, recipe, training=training
     ):
-        return None
-    if training:
-        if not isinstance(factor, float):  # a module's cumulative-average factor (a tensor)
-            return None
-        trained = _torch_fast.train_forward(x, running_mean, running_var, weight, bias, factor=factor, eps=eps)
-        return None if trained is None else BatchNormResult(*trained)
-    evaluated = _torch_fast.eval_forward(x, running_mean, running_var, weight, bias, eps=eps)
-    if evaluated is None:
-        return None
-    output, invstd = evaluated
-    return BatchNormResult(output, running_mean, running_var, running_mean, invstd)
-
-
-def _normalize(
-    xp: ModuleType,
-    x: Any,
-    running_mean: Any,
-    running_var: Any,
-    weight: Any,
-    bias: Any,
-    recipe: Recipe,
-    *,
-    training: bool,
-    eps: float,
-) -> tuple[_agnostic.Statistics, Any]:
-    """Statistics and output: the NumPy fast path where it applies, else the agnostic code."""
-    want_var = running_mean is not None
-    if FAST_PATHS and recipe.count_per_channel > 0 and _numpy_fast.eligible(x, weight, bias, running_mean):
+        # the library's own kernel (PyTorch), where its result is kept
         if training:
-            fast = _numpy_fast.train_forward(x, weight, bias, axis=recipe.channel_axis, eps=eps, want_var=want_var)
-            if fast is not None:  # None: NaN/Inf or huge data, which the agnostic path handles
-                return _agnostic.Statistics(fast.mean, fast.invstd, fast.batch_var), fast.output
+            served = _agnostic.native_train_forward(
+                prims, native, x, running_mean, running_var, weight, bias, recipe,
+                factor=factor, eps=eps, skip_nonfinite=skip_nonfinite,
+            )  # fmt: skip
         else:
-            stats = _agnostic.running_statistics(xp, running_mean, running_var, x.dtype, eps)
-            return stats, _numpy_fast.eval_forward(x, stats.mean, stats.invstd, weight, bias, axis=recipe.channel_axis)
-    dtype = _agnostic.compute_dtype(xp, x.dtype)
-    x_compute = xp.astype(x, dtype, copy=False)
+            served = _agnostic.native_eval_forward(prims, native, x, running_mean, running_var, weight, bias, eps=eps)
+        if served is not None:
+            return BatchNormResult(*served)
     if training:
-        prescale = dtype == x.dtype
-        if prescale and values_are_cheap(x):
-            # Eager CPU arrays: try without the prescaling passes; keep the result
-            # unless the statistics show the data needed them (a host check, free here).
-            stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=False, want_var=True)
-            if not bool(_agnostic.needs_prescale(xp, stats)):
-                return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
-        elif FAST_PATHS and prescale and is_jax_namespace(xp) and recipe.count_per_channel > 0:
-            from . import _jax_fast  # imports jax: only reached with JAX arrays
-
-            stats, centered = _jax_fast.train_statistics(xp, x_compute, recipe, eps)
-            return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
-        stats, centered = _agnostic.batch_statistics(xp, x_compute, recipe, eps, prescale=prescale, want_var=want_var)
+        result = _agnostic.train_forward(
+            prims, x, running_mean, running_var, weight, bias, recipe,
+            factor=factor, eps=eps, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
     else:
-        stats = _agnostic.running_statistics(xp, running_mean, running_var, dtype, eps)
-        centered = _agnostic.Centered(x_compute - xp.reshape(stats.mean, recipe.param_shape), None, stats.invstd)
-    return stats, _agnostic.scale_and_shift(xp, centered, weight, bias, recipe, x.dtype)
+        result = _agnostic.eval_forward(prims, x, running_mean, running_var, weight, bias, recipe, eps=eps)
+    return BatchNormResult(*result)
 
 
 def _shape_of(x: Any) -> tuple[int, ...]:
@@ -373,24 +259,10 @@ def batch_norm_backward(
     if grad_output.dtype != x.dtype:
         raise TypeError(f"grad_output must have the dtype of x ({x.dtype}), got {grad_output.dtype}")
     recipe = _checked_recipe(xp, x, axis, weight=weight, mean=mean, invstd=invstd)
-    if (
-        FAST_PATHS
-        and recipe.count_per_channel > 0
-        and _numpy_fast.eligible(x, grad_output, weight, mean, invstd)
-        and grad_output.flags.c_contiguous
-    ):
-        return _numpy_fast.backward(grad_output, x, weight, mean, invstd, axis=recipe.channel_axis, training=training)
-    if FAST_PATHS and training and recipe.count_per_channel > 0 and is_torch_namespace(xp):
-        _torch_fast = _torch_fast_module()
-        if _torch_fast.eligible(x, grad_output, weight, mean, invstd, channel_axis=recipe.channel_axis):
-            return _torch_fast.train_backward(grad_output, x, weight, mean, invstd)
-    if FAST_PATHS and recipe.count_per_channel > 0 and is_cupy_namespace(xp):
-        _cupy_fast = _cupy_fast_module()
-        if _cupy_fast.eligible(x):
-            return _cupy_fast.backward(grad_output, x, weight, mean, invstd, recipe, training=training)
-    sums = None
-    if FAST_PATHS and recipe.count_per_channel > 0 and is_jax_namespace(xp):
-        from . import _jax_fast  # imports jax: only reached with JAX arrays
-
-        sums = _jax_fast.backward_sums
-    return _agnostic.backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training, sums=sums)
+    prims = _dispatch.primitives(xp, x, recipe)
+    native = prims.native
+    if native is not None and native.serves_backward(grad_output, x, weight, mean, invstd, recipe, training=training):
+        grads = native.backward(grad_output, x, weight, mean, invstd)  # the library's own kernel (PyTorch)
+        if grads is not None:
+            return grads
+    return _agnostic.backward(prims, grad_output, x, weight, mean, invstd, recipe, training=training)

@@ -377,8 +377,7 @@ class _BatchNorm:
         updating = self.training and self.track_running_stats
         if updating and counter is not None:
             counter = xp.asarray(counter + 1)  # asarray: NumPy turns 0-d arithmetic into a scalar
-            if self.momentum is None:  # cumulative moving average, as an array: no host sync
-                factor = 1.0 / xp.astype(counter, _agnostic.compute_dtype(xp, x.dtype))
+            factor = _agnostic.update_factor(xp, self.momentum, counter, _agnostic.compute_dtype(xp, x.dtype))
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None

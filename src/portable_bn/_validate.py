@@ -13,8 +13,6 @@ import numbers
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from ._compat import describe_namespace, device, devices_differ, has_int_shape, namespace_of, same_eager_place
 from ._recipe import Recipe, make_recipe
 
@@ -52,7 +50,7 @@ call for torch dtypes)."""
 
 
 def is_real_floating(xp: ModuleType, dtype: Any) -> bool:
-    if isinstance(dtype, np.dtype) and dtype.kind == "f":  # quick yes for NumPy/JAX/Dask/CuPy dtypes
+    if getattr(dtype, "kind", None) == "f":  # quick yes for NumPy dtypes (also JAX's, Dask's, CuPy's)
         return True
     key = (xp, dtype)
     try:

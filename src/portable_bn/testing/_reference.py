@@ -1,8 +1,8 @@
 """The NumPy float64 reference of PyTorch's batch-norm rules.
 
-Written independently of the implementation (channel moved first, plain
-loops over steps, no recipe, no namespace) so the two can check each other.
-The test suite checks this reference itself against ``torch.nn.BatchNorm*d``.
+Written independently of the implementation (channel moved first, plain loops over steps,
+sums rounded once with :func:`math.fsum`, no recipe, no namespace) so the two can check each
+other. The test suite checks this reference itself against ``torch.nn.BatchNorm*d`` in float64.
 """
 
 from __future__ import annotations
@@ -60,7 +60,34 @@ def reference_batch_norm(
     eps: float = 1e-5,
     axis: int = 1,
 ) -> dict[str, np.ndarray | None]:
-    """``F.batch_norm`` in float64; returns output, new running stats, mean, invstd."""
+    """``torch.nn.functional.batch_norm`` in float64, with exactly rounded sums.
+
+    Parameters
+    ----------
+    x : array_like
+        The input (any float dtype; computed in float64).
+    running_mean, running_var, weight, bias : array_like or None
+        As for :func:`portable_bn.batch_norm`.
+    training : bool, keyword-only
+        Batch statistics (and the running update) if True, running statistics if False.
+    momentum, eps : float, keyword-only
+        As for :func:`portable_bn.batch_norm`.
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    dict
+        ``output``, ``running_mean``, ``running_var`` (None where not given), ``mean`` and
+        ``invstd``: the keys of :class:`portable_bn.BatchNormResult`, as float64 NumPy arrays.
+
+    Examples
+    --------
+    >>> from portable_bn.testing import reference_batch_norm
+    >>> expected = reference_batch_norm([[1.0], [3.0]], [0.0], [1.0], training=True)
+    >>> expected["mean"], expected["running_var"]     # 0.9 * 1 + 0.1 * unbiased variance 2
+    (array([2.]), array([1.1]))
+    """
     x = np.asarray(x, dtype=np.float64)
     flat = _channels_first(x, axis)
     channels, n = flat.shape
@@ -97,7 +124,35 @@ def reference_batch_norm(
 def reference_backward(
     grad_output: Any, x: Any, weight: Any, mean: Any, invstd: Any, *, training: bool, axis: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of the reference forward (semantics.md, "Backward") in float64."""
+    """Gradients of the forward with respect to ``x``, ``weight`` and ``bias``, in float64.
+
+    Parameters
+    ----------
+    grad_output, x : array_like
+        The gradient of the loss with respect to the output, and the forward input.
+    weight : array_like or None
+        The forward weight (None: ones).
+    mean, invstd : array_like
+        The statistics the forward normalized with.
+    training : bool, keyword-only
+        Whether the statistics are the batch's (then differentiated) or constants.
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias : ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from portable_bn.testing import reference_backward
+    >>> x = np.array([[1.0], [3.0]])
+    >>> grad_input, grad_weight, grad_bias = reference_backward(
+    ...     np.ones_like(x), x, None, [2.0], [1.0], training=True)
+    >>> grad_input.ravel(), grad_bias       # a constant upstream gradient cancels in training
+    (array([0., 0.]), array([2.]))
+    """
     g = _channels_first(grad_output, axis)
     flat = _channels_first(x, axis)
     channels, n = flat.shape
@@ -114,9 +169,37 @@ def reference_backward(
     return _to_input_layout(gi, np.shape(x), axis), grad_weight, grad_bias
 
 
+def reference_moments(x: Any, *, axis: int = 1) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel ``(count, mean, M2)`` of ``x`` in float64 (``M2``: the sum of squared
+    deviations from the mean), with exactly rounded sums.
+
+    Examples
+    --------
+    >>> from portable_bn.testing import reference_moments
+    >>> reference_moments([[1.0, 10.0], [3.0, 10.0]])
+    (2, array([ 2., 10.]), array([2., 0.]))
+    """
+    flat = _channels_first(np.asarray(x, dtype=np.float64), axis)
+    mean, var, _ = _exact_statistics(flat)
+    return flat.shape[1], mean, var * flat.shape[1]
+
+
 @dataclass
 class ReferenceModule:
-    """``torch.nn.BatchNorm*d`` state machine in float64 (rank checks aside)."""
+    """``torch.nn.BatchNorm*d``'s state machine in float64 (rank checks aside).
+
+    Parameters and the attributes ``training`` and ``state`` (weight, bias, running_mean,
+    running_var, num_batches_tracked) mirror the PyTorch module; calling it runs one forward.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from portable_bn.testing import ReferenceModule
+    >>> module = ReferenceModule(1, momentum=None)
+    >>> _ = module(np.array([[1.0], [3.0]]))
+    >>> module.state["running_mean"], module.state["num_batches_tracked"]
+    (array([2.]), 1)
+    """
 
     num_features: int
     eps: float = 1e-5

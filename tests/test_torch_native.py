@@ -1,12 +1,10 @@
-"""The PyTorch fast path (``_torch_fast``) equals the agnostic path and the reference.
+"""PyTorch's own kernels behind portable_bn's functions equal the pure primitives and the reference.
 
-On the CPU with PBN_BACKENDS=torch, on CUDA with PBN_BACKENDS=torch_gpu (the
-``device`` fixture runs every test on each selected device).
-
-``_functional.FAST_PATHS = False`` forces the agnostic code. A spy records
-whether the native kernels' result was kept, so each test also proves which
-path ran: benign data must take the native kernels, hard data must be handed
-over to the agnostic path.
+On the CPU with PBN_BACKENDS=torch, on CUDA with PBN_BACKENDS=torch_gpu (the ``device``
+fixture runs every test on each selected device). ``both_paths`` runs each call again on the
+pure array-API primitives. A spy records whether the native kernels' result was kept, so
+each test also proves which path ran: benign data must take the native kernels, hard data
+must be handed over to the shared algorithm.
 """
 
 from __future__ import annotations
@@ -16,15 +14,15 @@ import pytest
 
 import portable_bn as pbn
 from conftest import both_paths, selected_backends
-from portable_bn._reference import reference_backward, reference_batch_norm
-from portable_bn._tolerance import max_error, tolerance
+from portable_bn import _agnostic
+from portable_bn.testing import max_error, reference_backward, reference_batch_norm, tolerance
 
 pytestmark = pytest.mark.skipif(
     not {"torch", "torch_gpu"} & set(selected_backends()), reason="torch/torch_gpu not selected by PBN_BACKENDS"
 )
 
 torch = pytest.importorskip("torch")
-_torch_fast = pytest.importorskip("portable_bn._torch_fast")
+torch_backend = pytest.importorskip("portable_bn._backends.torch")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ["cpu"] if "torch" in selected_backends() else []
@@ -45,17 +43,17 @@ def device(request):
 @pytest.fixture
 def spy(monkeypatch):
     """Record, per call, whether the native result was kept (True) or handed over (False)."""
-    monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 0)  # small test inputs take the native eval too
+    monkeypatch.setattr(torch_backend, "MIN_EVAL_ELEMENTS", 0)  # small test inputs take the native eval too
     kept: list[bool] = []
-    for name in ("train_forward", "eval_forward"):
-        original = getattr(_torch_fast, name)
+    for name in ("native_train_forward", "native_eval_forward"):
+        original = getattr(_agnostic, name)
 
         def wrapper(*args, _original=original, **kwargs):
             result = _original(*args, **kwargs)
             kept.append(result is not None)
             return result
 
-        monkeypatch.setattr(_torch_fast, name, wrapper)
+        monkeypatch.setattr(_agnostic, name, wrapper)
     return kept
 
 
@@ -81,7 +79,7 @@ SHAPES = [(6, 4), (4, 3, 7), (5, 3, 4, 6), (2, 3, 2, 3, 4), (16, 8, 12, 12)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_native_path_equals_agnostic_path(spy, dtype_name, shape, training, affine):
+def test_native_path_equals_the_pure_primitives(spy, dtype_name, shape, training, affine):
     dtype = DTYPES[dtype_name]
     rng = np.random.default_rng(0)
     channels = shape[1]
@@ -93,7 +91,7 @@ def test_native_path_equals_agnostic_path(spy, dtype_name, shape, training, affi
     w = None if w_np is None else t(w_np, dtype)
     b = None if b_np is None else t(b_np, dtype)
     rm_before, rv_before = rm.clone(), rv.clone()
-    fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, w, b, training=training, momentum=0.3)
+    fast, pure = both_paths(pbn.batch_norm, x, rm, rv, w, b, training=training, momentum=0.3)
     assert spy == [True], "benign data must take the native kernels"
     assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before), "arguments must not be written to"
     expected = reference_batch_norm(
@@ -103,28 +101,26 @@ def test_native_path_equals_agnostic_path(spy, dtype_name, shape, training, affi
     )  # fmt: skip
     tol = tolerance(dtype_name)
     for name in ("output", "running_mean", "running_var", "mean", "invstd"):
-        f, a = getattr(fast, name), getattr(agnostic, name)
+        f, a = getattr(fast, name), getattr(pure, name)
         assert f.dtype == a.dtype and f.shape == a.shape, name
         assert not f.requires_grad or name in ("output", "mean", "invstd"), name
         assert max_error(f.cpu().numpy(), a.cpu().numpy()) <= tol, name
         assert max_error(f.cpu().numpy(), expected[name]) <= tol, name
     grad = t(rng.normal(size=shape), dtype)
-    fast_grads, agnostic_grads = both_paths(
-        pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training
-    )
+    fast_grads, pure_grads = both_paths(pbn.batch_norm_backward, grad, x, w, fast.mean, fast.invstd, training=training)
     want = reference_backward(
         grad.double().cpu().numpy(), x.double().cpu().numpy(), None if w is None else w.double().cpu().numpy(),
         fast.mean.double().cpu().numpy(), fast.invstd.double().cpu().numpy(), training=training,
     )  # fmt: skip
-    for f, a, e in zip(fast_grads, agnostic_grads, want, strict=True):
+    for f, a, e in zip(fast_grads, pure_grads, want, strict=True):
         assert f.dtype == a.dtype and f.shape == a.shape
         assert max_error(f.cpu().numpy(), a.cpu().numpy()) <= tol
         assert max_error(f.cpu().numpy(), e) <= tol
 
 
 @pytest.mark.parametrize(("offset", "spread"), [(1e4, 0.1), (1e6, 1.0), (20.0, 1.0), (0.0, 1e20), (0.0, 3e37)])
-def test_hard_data_is_handed_to_the_agnostic_path(spy, offset, spread):
-    """Offsets beyond MAX_MEAN_OVER_STD standard deviations, and data whose squares
+def test_hard_data_is_handed_to_the_shared_algorithm(spy, offset, spread):
+    """Offsets beyond NATIVE_MEAN_OVER_STD standard deviations, and data whose squares
     overflow: the native result is discarded, and the answer is as exact as NumPy's."""
     x_np = (offset + spread * np.random.default_rng(2).normal(size=(64, 3, 8, 8))).astype(np.float32)
     result = pbn.batch_norm(t(x_np, torch.float32), training=True)
@@ -148,10 +144,10 @@ def test_eval_with_far_running_mean_is_handed_over(spy):
     x_np = 1e4 + np.random.default_rng(3).normal(size=(32, 2, 9))
     x = t(x_np, torch.float32)
     rm, rv = t(np.array([1e4, 0.0]), torch.float32), t(np.array([1.0, 1.0]), torch.float32)
-    fast, agnostic = both_paths(pbn.batch_norm, x, rm, rv, training=False)
+    fast, pure = both_paths(pbn.batch_norm, x, rm, rv, training=False)
     assert spy == [DEVICE != "cpu"]
-    assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float32")
-    assert torch.equal(fast.invstd, agnostic.invstd)
+    assert max_error(fast.output.cpu().numpy(), pure.output.cpu().numpy()) <= tolerance("float32")
+    assert torch.equal(fast.invstd, pure.invstd)
     result = fast
     expected = reference_batch_norm(
         x.double().cpu().numpy(), rm.double().cpu().numpy(), rv.double().cpu().numpy(), training=False
@@ -164,24 +160,25 @@ def test_constant_zero_and_nonfinite_channels(spy):
     x_np[:, 1] = 0.0  # a dead channel: mean exactly 0, kept native
     bias = t(np.arange(4.0), torch.float32)
     x = t(x_np, torch.float32)
-    fast, agnostic = both_paths(pbn.batch_norm, x, bias=bias, training=True)
+    fast, pure = both_paths(pbn.batch_norm, x, bias=bias, training=True)
     assert spy == [True]
     assert torch.equal(fast.output[:, 1], torch.full_like(fast.output[:, 1], 1.0))
-    assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float32")
+    assert max_error(fast.output.cpu().numpy(), pure.output.cpu().numpy()) <= tolerance("float32")
     x_np[:, 2] = 7.25  # a constant channel: handed over, output exactly the bias
     fast = pbn.batch_norm(t(x_np, torch.float32), bias=bias, training=True)
     assert spy[-1] is False
     assert torch.equal(fast.output[:, 2], torch.full_like(fast.output[:, 2], 2.0))
     x_np[0, 3, 0] = np.nan
-    fast, agnostic = both_paths(pbn.batch_norm, t(x_np, torch.float32), bias=bias, training=True)
+    fast, pure = both_paths(pbn.batch_norm, t(x_np, torch.float32), bias=bias, training=True)
     assert spy[-1] is False
-    assert torch.equal(torch.isnan(fast.output), torch.isnan(agnostic.output))
-    assert torch.equal(fast.output[:, :3], agnostic.output[:, :3])
+    assert torch.equal(torch.isnan(fast.output), torch.isnan(pure.output))
+    assert max_error(fast.output[:, :3].cpu().numpy(), pure.output[:, :3].cpu().numpy()) <= tolerance("float32")
 
 
 def test_paths_not_taken(spy):
-    """Half dtypes, channel axis other than 1, the meta device, a module's
-    cumulative factor, running statistics that require grad: the agnostic code runs."""
+    """Half dtypes, channel axis other than 1, the meta device, running statistics that
+    require grad: the shared algorithm runs. A module's cumulative factor (momentum=None)
+    takes the kernel: the running update is the shared code's either way."""
     x = t(benign((6, 3, 5), seed=5), torch.float32)
     pbn.batch_norm(x, training=True)
     assert spy == [True]
@@ -193,7 +190,14 @@ def test_paths_not_taken(spy):
     assert spy == [True]
     module = pbn.BatchNorm1d(3, momentum=None, xp=torch, device=DEVICE)
     module(x.detach())
-    assert spy == [True]
+    module(x.detach() + 1.0)
+    assert spy == [True, True, True]
+    reference = torch.nn.BatchNorm1d(3, momentum=None, device=DEVICE)
+    reference(x.detach())
+    reference(x.detach() + 1.0)
+    assert max_error(module.running_var.detach().cpu().numpy(), reference.running_var.cpu().numpy()) <= tolerance(
+        "float32"
+    )
 
 
 def test_non_contiguous_input(spy):
@@ -201,8 +205,8 @@ def test_non_contiguous_input(spy):
     x = t(x_np, torch.float64).contiguous(memory_format=torch.channels_last)
     strided = t(x_np, torch.float64)[:, :, ::2]
     for value in (x, strided):
-        fast, agnostic = both_paths(pbn.batch_norm, value, training=True)
-        assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float64")
+        fast, pure = both_paths(pbn.batch_norm, value, training=True)
+        assert max_error(fast.output.cpu().numpy(), pure.output.cpu().numpy()) <= tolerance("float64")
     assert spy == [True, True]
 
 
@@ -221,25 +225,25 @@ def test_module_training_loop_uses_the_native_path(spy):
     assert int(ours.num_batches_tracked) == 3
 
 
-def test_small_eval_takes_the_agnostic_path(spy, monkeypatch):
+def test_small_eval_takes_the_pure_path(spy, monkeypatch):
     """CPU only: on CUDA every eval call takes the kernel (launches cost more than passes)."""
-    monkeypatch.setattr(_torch_fast, "MIN_EVAL_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(torch_backend, "MIN_EVAL_ELEMENTS", 1 << 16)
     x = t(benign((4, 3, 5), seed=8), torch.float32)
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     pbn.batch_norm(x, rm, rv, training=False)
-    assert spy == [DEVICE != "cpu"]
+    assert spy == ([] if DEVICE == "cpu" else [True])
     big = t(benign((64, 4, 256), seed=9), torch.float32)
-    fast, agnostic = both_paths(
+    fast, pure = both_paths(
         pbn.batch_norm, big, torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), training=False
     )
-    assert spy == [DEVICE != "cpu", True]
-    assert max_error(fast.output.cpu().numpy(), agnostic.output.cpu().numpy()) <= tolerance("float32")
+    assert spy == ([True] if DEVICE == "cpu" else [True, True])
+    assert max_error(fast.output.cpu().numpy(), pure.output.cpu().numpy()) <= tolerance("float32")
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_autograd_through_the_native_path(spy, training):
     """Gradients of a loss that uses the output, mean and invstd: native path ==
-    agnostic path, and gradcheck/gradgradcheck pass through the native path."""
+    pure path, and gradcheck/gradgradcheck pass through the native path."""
     x_np = benign((5, 3, 4), seed=13)
     rng = np.random.default_rng(14)
     rm, rv = t(rng.uniform(-1, 1, 3), torch.float64), t(rng.uniform(0.5, 2, 3), torch.float64)
@@ -253,9 +257,9 @@ def test_autograd_through_the_native_path(spy, training):
         loss = sum((value * weight).sum() for value, weight in zip((r.output, r.mean, r.invstd), upstream, strict=True))
         return torch.autograd.grad(loss, (x, w, b))
 
-    fast, agnostic = both_paths(loss_and_grads)
+    fast, pure = both_paths(loss_and_grads)
     assert spy == [True]
-    for f, a in zip(fast, agnostic, strict=True):
+    for f, a in zip(fast, pure, strict=True):
         assert max_error(f.cpu().numpy(), a.cpu().numpy()) <= tolerance("float64")
 
     def call(x, w, b):
@@ -270,15 +274,18 @@ def test_autograd_through_the_native_path(spy, training):
     assert all(spy)
 
 
-def test_backward_with_a_graph_takes_the_agnostic_path():
+def test_backward_with_a_graph_takes_the_shared_algorithm():
     """batch_norm_backward's own derivative treats mean and invstd as inputs; the
-    native kernel's would not, so a recorded call stays on the agnostic code."""
+    native kernel's would not, so a recorded call stays on the shared algorithm."""
+    from portable_bn._recipe import make_recipe
+
     x = t(benign((6, 3, 5), seed=15), torch.float64)
     r = pbn.batch_norm(x, training=True)
     grad = t(np.random.default_rng(16).normal(size=(6, 3, 5)), torch.float64)
-    assert _torch_fast.eligible(x, grad, None, r.mean, r.invstd, channel_axis=1)
+    kernels, recipe = torch_backend.TorchKernels(), make_recipe((6, 3, 5), 1)
+    assert kernels.serves_backward(grad, x, None, r.mean, r.invstd, recipe, training=True)
     x_graph = x.clone().requires_grad_()
-    assert not _torch_fast.eligible(x_graph, grad, None, r.mean, r.invstd, channel_axis=1)
+    assert not kernels.serves_backward(grad, x_graph, None, r.mean, r.invstd, recipe, training=True)
     grad_input = pbn.batch_norm_backward(grad, x_graph, None, r.mean, r.invstd)[0]
     assert grad_input.grad_fn is not None
     with torch.no_grad():
@@ -289,7 +296,7 @@ def test_backward_with_a_graph_takes_the_agnostic_path():
 @pytest.mark.parametrize("training", [True, False])
 def test_cuda_graph_capture(spy, device, training):
     """Under CUDA graph capture the training verdict (a host read) is skipped and the
-    agnostic path, which never synchronizes, is captured; eval keeps the kernel.
+    shared algorithm, which never synchronizes there, is captured; eval keeps the kernel.
     Replays on new data give the reference results."""
     if device != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")

@@ -1,9 +1,7 @@
-"""Backends known to the test suite and to ``python -m portable_bn check``.
+"""The backend table: how to put NumPy data on each (library, device, dtype) and get it back.
 
-One table of how to put NumPy data on each (library, device, dtype) and get
-it back, so the conformance suite and the ``check`` command exercise exactly
-the same combinations. Importing this module imports no backend: each is
-loaded only when asked for.
+The conformance suite and ``python -m portable_bn check`` run exactly these combinations.
+Importing this module imports no array library but NumPy: each is loaded when asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import to_numpy
+from .._compat import to_numpy
 
 CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask")
 GPU_BACKENDS = ("cupy", "torch_gpu", "jax_gpu")
@@ -24,16 +22,42 @@ ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 
 @dataclass(frozen=True)
 class Combination:
-    """One (backend, device, dtype) point of the conformance matrix."""
+    """One (backend, device, dtype) point of the conformance matrix.
+
+    Parameters
+    ----------
+    backend : str
+        A name of :data:`ALL_BACKENDS`, or any name of one's own together with ``maker``.
+    library : module
+        The module a user imports: ``numpy``, ``torch``, ``jax.numpy``, ``dask.array``, ...
+    device : object
+        The device arrays are made on (``"cpu"``, ``"meta"``, a JAX or CuPy device, ...).
+    dtype_name : str
+        ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+    values : bool
+        False for devices that hold no data (torch ``"meta"``): shapes only.
+    lazy : bool
+        True for libraries that evaluate on demand (Dask).
+    maker : callable, optional
+        ``maker(data, dtype)`` turns a NumPy array into an array of this combination; needed
+        for a library the table does not know.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from portable_bn.testing import Combination
+    >>> combo = Combination("numpy", np, "cpu", "float32", values=True)
+    >>> combo.asarray([1.0, 2.0]), combo.id
+    (array([1., 2.], dtype=float32), 'numpy-cpu-float32')
+    """
 
     backend: str
     library: Any
-    """The module a user imports: numpy, torch, jax.numpy, dask.array, ..."""
     device: Any
     dtype_name: str
     values: bool
-    """False for devices that hold no data (torch "meta"): shapes only."""
     lazy: bool = False
+    maker: Callable[[np.ndarray, Any], Any] | None = None
 
     @property
     def device_label(self) -> str:
@@ -48,6 +72,19 @@ class Combination:
         return f"{self.backend}-{device}-{self.dtype_name}"
 
     @property
+    def param_dtype_name(self) -> str:
+        """The dtype of parameters and running statistics: float32 for float16/bfloat16 input
+        (PyTorch's mixed-precision rule), else the input's."""
+        return "float32" if self.dtype_name in ("float16", "bfloat16") else self.dtype_name
+
+    @property
+    def param_dtype(self) -> Any:
+        """:attr:`param_dtype_name` as a dtype of the library."""
+        if self.param_dtype_name == self.dtype_name:
+            return self.dtype
+        return np.dtype("float32") if self.backend == "dask" else self.library.float32
+
+    @property
     def dtype(self) -> Any:
         if self.backend == "dask":
             return np.dtype(self.dtype_name)
@@ -55,7 +92,10 @@ class Combination:
 
     def asarray(self, data: Any, dtype: Any = None) -> Any:
         """NumPy data as an array of this combination (``dtype`` defaults to ours)."""
-        return _MAKERS[self.backend](self, np.asarray(data), self.dtype if dtype is None else dtype)
+        dtype = self.dtype if dtype is None else dtype
+        if self.maker is not None:
+            return self.maker(np.asarray(data), dtype)
+        return _MAKERS[self.backend](self, np.asarray(data), dtype)
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Host float64 (or integer) copy of an array of this combination."""
@@ -124,7 +164,31 @@ class BackendUnavailable(Exception):
 
 
 def combinations(backend: str) -> list[Combination]:
-    """Every (device, dtype) of one backend, or BackendUnavailable saying why not."""
+    """Every (device, dtype) of one backend of :data:`ALL_BACKENDS`.
+
+    Parameters
+    ----------
+    backend : str
+        ``"numpy"``, ``"array_api_strict"``, ``"torch"``, ``"jax"``, ``"dask"``, ``"cupy"``,
+        ``"torch_gpu"`` or ``"jax_gpu"``.
+
+    Returns
+    -------
+    list of Combination
+
+    Raises
+    ------
+    BackendUnavailable
+        The library is not installed, or sees no device of that kind; the message says which.
+    ValueError
+        An unknown name.
+
+    Examples
+    --------
+    >>> from portable_bn.testing import combinations
+    >>> [combo.id for combo in combinations("numpy")]
+    ['numpy-cpu-float16', 'numpy-cpu-float32', 'numpy-cpu-float64']
+    """
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(ALL_BACKENDS)}")
     try:

@@ -1,0 +1,326 @@
+"""NumPy: the full-size primitives cache-blocked, each in one read of its inputs.
+
+Why: NumPy evaluates one operation at a time, so the pure primitives stream every full-size
+temporary through main memory (``x * scale - shift`` is written, then read for each sum), and
+broadcasting a per-channel vector costs 2-3x a contiguous operation. Here a C-contiguous
+float32/float64 array is viewed as ``(A, C, B)`` (channel axis in the middle, no copy) and
+walked in tiles of whole channels and rows about the size of the L2 cache (:class:`_Tiling`):
+the temporaries stay in the cache, the only full-size array written is the result, which we
+allocate. Sums are ufunc reductions and, for sums of products, BLAS dot products or
+``einsum`` that only read; they accumulate in float64 across tiles. Per-channel vectors are
+"pattern rows" (repeated over ``B``) unless rows are long, so each elementwise step is a
+contiguous vector-vector loop. Other arrays (strided, float16, subclasses) take the pure
+primitives. Values are on the host, so the algorithm may choose its route by them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .._primitives import Primitives
+from .._recipe import Recipe
+
+BLOCK_BYTES = 1 << 19
+"""Bytes of input per tile: one core's L2 here (512 KiB). Measured faster than 256 KiB or
+less, where the NumPy calls are more and the contiguous segments of a tile shorter."""
+
+SHORT_ROW = 512
+"""Rows (``B``) shorter than this get tiles of several rows (column sums over rows); longer
+rows, tiles one row high with as many channels as fit (row sums over ``B``)."""
+
+LONG_ROW = 4096
+"""Rows at least this long use broadcasting: a stride-0 scalar over a long contiguous row
+costs about what a vector does there, and a pattern row would be as large as a tile."""
+
+TILE_ROWS = 16
+"""Rows per tile wanted for short rows: column sums pay off over several rows."""
+
+SMALL_BYTES = 1 << 17
+"""Inputs up to this size sit in the L2 cache whole: nothing to tile. They take the pure
+primitives (on the namespace of :func:`_lean`), whose sums in the input's dtype keep the
+per-channel arithmetic free of conversions: a small call's cost is its number of NumPy calls."""
+
+DOT_ROW = 65536
+"""Longest row summed by a BLAS dot product: OpenBLAS threads dot products only above
+100000 elements (see :class:`_ChannelSums`)."""
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_vecdot = getattr(np, "vecdot", None)  # NumPy >= 2.0
+
+
+class _Tiling:
+    """Tiles of ``k`` whole channels by ``h`` rows of the ``(A, C, B)`` view.
+
+    Pattern rows (at least 4 rows to share the cost of building them, and ``B < LONG_ROW``):
+    per-channel vectors become rows of ``k * B`` elements, built once per channel group and
+    reused down all ``A`` rows, and a tile is the 2-D ``(h, k*B)`` view. Otherwise the
+    ``(h, k, B)`` view and ``(k, 1)`` vectors."""
+
+    def __init__(self, outer: int, channels: int, inner: int, itemsize: int) -> None:
+        self.A, self.C, self.B = outer, channels, inner
+        elements = max(1, BLOCK_BYTES // itemsize)
+        self.pattern = self.A >= 4 and self.B < LONG_ROW
+        rows_wanted = min(self.A, TILE_ROWS) if self.B < SHORT_ROW else 1
+        self.k = max(1, min(self.C, elements // max(1, self.B * rows_wanted)))
+        self.h = max(1, min(self.A, elements // max(1, self.k * self.B)))
+
+    def groups(self) -> Iterator[slice]:
+        for c0 in range(0, self.C, self.k):
+            yield slice(c0, min(self.C, c0 + self.k))
+
+    def tiles(self, array3: np.ndarray, group: slice) -> Iterator[np.ndarray]:
+        """Views of ``array3``'s tiles in ``group`` (2-D for pattern rows, else 3-D), top to bottom."""
+        if self.pattern:
+            columns = array3.reshape(self.A, self.C * self.B)[:, group.start * self.B : group.stop * self.B]
+            for a0 in range(0, self.A, self.h):
+                yield columns[a0 : a0 + self.h]
+        else:
+            for a0 in range(0, self.A, self.h):
+                yield array3[a0 : a0 + self.h, group]
+
+    def vector(self, values: np.ndarray | None, group: slice) -> Any:
+        """Per-channel ``values`` of a group, shaped to combine with its tiles (None stays None)."""
+        if values is None:
+            return None
+        if self.pattern:
+            return np.repeat(values[group], self.B)
+        return values[group, None]
+
+    def scratch(self, dtype: Any) -> np.ndarray:
+        """A tile-sized work array; :func:`_like` cuts it to a (smaller, last) tile."""
+        return np.empty((self.h, self.k * self.B) if self.pattern else (self.h, self.k, self.B), dtype=dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _tiling(outer: int, channels: int, inner: int, itemsize: int) -> _Tiling:
+    return _Tiling(outer, channels, inner, itemsize)
+
+
+def _like(scratch: np.ndarray, tile: np.ndarray) -> np.ndarray:
+    return scratch[: tile.shape[0], : tile.shape[1]]
+
+
+class _ChannelSums:
+    """A per-channel reduction (``np.add``, ``np.minimum`` or ``np.maximum``) of the tiles of one
+    channel group; sums accumulate in float64.
+
+    Pattern tiles ``(h, k*B)``: column reductions (over axis 0, a contiguous vector operation
+    per row) into a ``k*B`` accumulator, folded to channels when the group ends; one-row tiles:
+    the contiguous ``(k, B)`` row reductions; ``(h, k, B)`` tiles: over axes 0 and 2.
+
+    Sums of products (:meth:`add_products`) only read their operands: BLAS dot products per
+    row (``vecdot``) where rows are long, ``einsum`` column sums on several-row pattern tiles;
+    either replaces a product written to a scratch tile and summed, and rounds no worse than
+    pairwise summation (measured: at most 2-5 units of the dtype in a row's sum of squares).
+    No matrix products: OpenBLAS runs those on two threads, and with the other core busy each
+    call then stalls for milliseconds; it computes a dot product of up to 100000 elements on
+    the calling thread, so rows go to ``vecdot`` only up to :data:`DOT_ROW`."""
+
+    def __init__(self, tiling: _Tiling, group: slice, ufunc: Any = np.add) -> None:
+        self.tiling, self.ufunc = tiling, ufunc
+        start = 0.0 if ufunc is np.add else np.inf if ufunc is np.minimum else -np.inf
+        self.channels = np.full(group.stop - group.start, start)
+        self.columns = np.full(self.channels.shape[0] * tiling.B, start) if tiling.pattern else None
+
+    def add(self, tile: np.ndarray) -> None:
+        reduce, into = self.ufunc.reduce, self.ufunc
+        if self.columns is None:
+            into(self.channels, reduce(tile, axis=(0, 2)), out=self.channels)
+        elif tile.shape[0] == 1:
+            into(self.channels, reduce(tile.reshape(-1, self.tiling.B), axis=1), out=self.channels)
+        else:
+            into(self.columns, reduce(tile, axis=0), out=self.columns)
+
+    def add_products(self, a: np.ndarray, b: np.ndarray, work: np.ndarray) -> None:
+        """Add ``sum(a * b)``; ``work`` (which may be ``a``) is scratch where no read-only form
+        applies (rows too long for one dot product, NumPy < 2 without ``vecdot``)."""
+        rows = self.tiling.B
+        if _vecdot is not None and rows <= DOT_ROW and (self.columns is None or a.shape[0] == 1):
+            if self.columns is None:  # (h, k, B): a dot product per row
+                self.channels += np.add.reduce(_vecdot(a, b), axis=0)
+            else:  # one pattern row: (k, B) rows
+                self.channels += _vecdot(a.reshape(-1, rows), b.reshape(-1, rows))
+        elif self.columns is not None and a.shape[0] > 1:
+            self.columns += np.einsum("ij,ij->j", a, b)
+        else:
+            self.add(np.multiply(a, b, out=work))
+
+    def result(self) -> np.ndarray:
+        if self.columns is not None:
+            self.ufunc(
+                self.channels, self.ufunc.reduce(self.columns.reshape(-1, self.tiling.B), axis=1), out=self.channels
+            )
+        return self.channels
+
+
+def _vector(values: Any, dtype: Any) -> np.ndarray | None:
+    """A per-channel vector as a NumPy array of ``dtype`` (None stays None)."""
+    return None if values is None else np.asarray(values, dtype=dtype)
+
+
+def _lean(xp: ModuleType) -> ModuleType:
+    """``xp`` (array-api-compat's NumPy namespace) with its reductions taken by the ufuncs'
+    ``reduce``: the same results, at about 1 us a call on per-channel vectors where
+    ``np.sum``, ``np.mean`` and ``np.all`` take 2 to 5 (a small call is made of such calls)."""
+    lean = ModuleType(xp.__name__)
+    lean.__dict__.update(vars(xp))
+
+    def mean(x: Any, axis: Any = None) -> Any:
+        count = x.size if axis is None else math.prod(x.shape[i] for i in axis)
+        return np.add.reduce(x, axis=axis) / count
+
+    lean.sum = lambda x, axis=None: np.add.reduce(x, axis=axis)  # type: ignore[attr-defined]
+    lean.mean = mean  # type: ignore[attr-defined]
+    lean.min = lambda x, axis=None: np.minimum.reduce(x, axis=axis)  # type: ignore[attr-defined]
+    lean.max = lambda x, axis=None: np.maximum.reduce(x, axis=axis)  # type: ignore[attr-defined]
+    lean.all = lambda x, axis=None: np.logical_and.reduce(x, axis=axis)  # type: ignore[attr-defined]
+    lean.any = lambda x, axis=None: np.logical_or.reduce(x, axis=axis)  # type: ignore[attr-defined]
+    lean.reshape = lambda x, shape: x.reshape(shape)  # type: ignore[attr-defined]
+    return lean
+
+
+class NumpyPrimitives(Primitives):
+    """Tiled primitives for C-contiguous float32/float64 ndarrays; the pure ones otherwise."""
+
+    name = "NumPy tiles"
+    eager = True
+    branches = True
+
+    def __init__(self, xp: ModuleType) -> None:
+        super().__init__(_lean(xp))
+
+    def quiet(self) -> contextlib.AbstractContextManager[Any]:
+        return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+    def first_pass(self, x: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
+        if not _tileable(x):
+            return super().first_pass(x, recipe, shrink)
+        x3, tiling = _setup(x, recipe)
+        results = [np.empty(tiling.C) for _ in range(3)]
+        scratch = tiling.scratch(x.dtype)
+        for group in tiling.groups():
+            low, high = _ChannelSums(tiling, group, np.minimum), _ChannelSums(tiling, group, np.maximum)
+            total = _ChannelSums(tiling, group)
+            for tile in tiling.tiles(x3, group):
+                low.add(tile)
+                high.add(tile)
+                total.add(np.multiply(tile, shrink, out=_like(scratch, tile)))
+            for result, reduction in zip(results, (low, high, total), strict=True):
+                result[group] = reduction.result()
+        return results[0].astype(x.dtype), results[1].astype(x.dtype), results[2]
+
+    def shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
+        if not _tileable(x):
+            return super().shifted_sums(x, recipe, scale, shift)
+        x3, tiling = _setup(x, recipe)
+        scale, shift = _vector(scale, x.dtype), _vector(shift, x.dtype)
+        if shift is not None and not shift.any():
+            shift = None  # a shift of zeros: no subtraction
+        total, squares = np.empty(tiling.C), np.empty(tiling.C)
+        scratch = tiling.scratch(x.dtype)
+        for group in tiling.groups():
+            sums, products = _ChannelSums(tiling, group), _ChannelSums(tiling, group)
+            scale_v, shift_v = tiling.vector(scale, group), tiling.vector(shift, group)
+            for tile in tiling.tiles(x3, group):
+                work = _like(scratch, tile)
+                if scale_v is not None:
+                    tile = np.multiply(tile, scale_v, out=work)
+                if shift_v is not None:
+                    tile = np.subtract(tile, shift_v, out=work)
+                sums.add(tile)
+                products.add_products(tile, tile, work)
+            total[group], squares[group] = sums.result(), products.result()
+        return total, squares
+
+    def product_sums(self, grad: Any, x: Any, recipe: Recipe, shift: Any, scale: Any) -> tuple[Any, Any]:
+        if not _tileable(x, grad):
+            return super().product_sums(grad, x, recipe, shift, scale)
+        x3, tiling = _setup(x, recipe)
+        g3 = grad.reshape(x3.shape)
+        shift, scale = _vector(shift, x.dtype), _vector(scale, x.dtype)
+        grad_total, products_total = np.empty(tiling.C), np.empty(tiling.C)
+        scratch = tiling.scratch(x.dtype)
+        for group in tiling.groups():
+            sums, products = _ChannelSums(tiling, group), _ChannelSums(tiling, group)
+            shift_v, scale_v = tiling.vector(shift, group), tiling.vector(scale, group)
+            for g_tile, x_tile in zip(tiling.tiles(g3, group), tiling.tiles(x3, group), strict=True):
+                work = _like(scratch, x_tile)
+                if shift_v is not None:
+                    x_tile = np.subtract(x_tile, shift_v, out=work)
+                if scale_v is not None:
+                    x_tile = np.multiply(x_tile, scale_v, out=work)
+                sums.add(g_tile)
+                products.add_products(x_tile, g_tile, work)
+            grad_total[group], products_total[group] = sums.result(), products.result()
+        return grad_total, products_total
+
+    def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
+        if not _tileable(x):
+            return super().affine(x, recipe, scale, shift, mult, add)
+        x3, tiling = _setup(x, recipe)
+        vectors = [_vector(v, x.dtype) for v in (scale, shift, mult, add)]
+        out3 = np.empty_like(x3)
+        for group in tiling.groups():
+            scale_v, shift_v, mult_v, add_v = (tiling.vector(v, group) for v in vectors)
+            for tile, out in zip(tiling.tiles(x3, group), tiling.tiles(out3, group), strict=True):
+                if scale_v is not None:
+                    tile = np.multiply(tile, scale_v, out=out)
+                if shift_v is not None:
+                    tile = np.subtract(tile, shift_v, out=out)
+                np.multiply(tile, mult_v, out=out)
+                if add_v is not None:
+                    np.add(out, add_v, out=out)
+        return out3.reshape(x.shape)
+
+    def grad_input(self, grad: Any, x: Any, recipe: Recipe, k: Any, shift: Any, f: Any, c: Any) -> Any:
+        if not _tileable(x, grad):
+            return super().grad_input(grad, x, recipe, k, shift, f, c)
+        x3, tiling = _setup(x, recipe)
+        g3 = grad.reshape(x3.shape)
+        vectors = [_vector(v, x.dtype) for v in (k, shift, f, c)]
+        out3 = np.empty_like(x3)
+        scratch = tiling.scratch(x.dtype)
+        for group in tiling.groups():
+            k_v, shift_v, f_v, c_v = (tiling.vector(v, group) for v in vectors)
+            for out, x_tile, g_tile in zip(
+                tiling.tiles(out3, group), tiling.tiles(x3, group), tiling.tiles(g3, group), strict=True
+            ):
+                if shift_v is not None:
+                    x_tile = np.subtract(x_tile, shift_v, out=out)
+                np.multiply(x_tile, f_v, out=out)
+                np.add(out, c_v, out=out)
+                np.add(out, np.multiply(g_tile, k_v, out=_like(scratch, g_tile)), out=out)
+        return out3.reshape(x.shape)
+
+
+def _tileable(*arrays: Any) -> bool:
+    """Plain C-contiguous float32/float64 ndarrays of one dtype (not subclasses, not half),
+    larger than :data:`SMALL_BYTES`."""
+    first = arrays[0]
+    dtype = first.dtype
+    if type(first) is not np.ndarray or dtype not in _DTYPES or first.nbytes <= SMALL_BYTES:
+        return False
+    return all(type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous for a in arrays)
+
+
+def _setup(x: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, _Tiling]:
+    x3 = x.reshape(recipe.outer, recipe.num_channels, recipe.inner)
+    return x3, _tiling(recipe.outer, recipe.num_channels, recipe.inner, x.itemsize)
+
+
+_PRIMITIVES: dict[int, NumpyPrimitives] = {}
+
+
+def primitives_for(xp: ModuleType, x: Any) -> Primitives:
+    """The NumPy primitive set (one per namespace object)."""
+    found = _PRIMITIVES.get(id(xp))
+    if found is None:
+        found = _PRIMITIVES[id(xp)] = NumpyPrimitives(xp)
+    return found

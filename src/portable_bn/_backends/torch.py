@@ -1,0 +1,193 @@
+"""PyTorch: the fused scale-and-shift as one ``addcmul``, and PyTorch's own batch-norm kernels.
+
+Why: PyTorch runs the pure primitives as a dozen separate kernels, each a full pass over the
+input; its native kernels (``native_batch_norm``, cuDNN's through ``torch.batch_norm``,
+``native_batch_norm_backward``) need two or three. They serve behind the same functions
+(:class:`TorchKernels`), for float32/float64 tensors of one dtype and device, channel axis 1,
+and return only what they compute: the output, the batch mean and ``invstd``. The running
+update and every rule, including when a kernel's result is kept, are the shared code's
+(:func:`portable_bn._agnostic.native_train_forward` and its neighbours): the CPU kernels
+compute ``x * alpha + beta``, which is kept only for data close enough to their mean.
+
+On the CPU values are on the host: the shared algorithm may choose its route by them. On
+CUDA it takes the route that needs no choice; the training kernel's verdict costs one copy
+of the statistics to the host (a synchronisation), and is not taken while a CUDA graph is
+being captured, where the shared algorithm runs instead. The CUDA backward is used without
+a verdict (nothing is read on the host). Autograd works as with ``F.batch_norm`` (the
+kernels' own derivatives); the batch ``mean`` and ``invstd``, which the kernel returns
+without a graph, get theirs from :class:`_BatchStatistics`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .._primitives import Primitives
+from .._recipe import Recipe
+
+MIN_EVAL_ELEMENTS = 1 << 16
+"""CPU: below this size the shared eval (two small passes) is faster than the verdict on the
+running statistics plus the kernel call; training always gains."""
+
+_DTYPES = (torch.float32, torch.float64)
+
+_IMPL_INDEX = getattr(torch, "_batch_norm_impl_index", None)
+"""What ``F.batch_norm`` calls: it picks cuDNN or the native kernel by PyTorch's own rules and
+returns the batch ``mean`` and ``invstd`` (cuDNN's saved inverse standard deviation). On CUDA,
+cuDNN's training forward took 30-130 us where ``native_batch_norm`` took 90-200 (H100, the
+benchmark's shapes). Private, hence looked up with a fallback to ``native_batch_norm``."""
+
+
+class _BatchStatistics(torch.autograd.Function):
+    """The kernel's ``mean`` and ``invstd``, made differentiable in ``x``: ``d mean/dx = 1/n``,
+    ``d invstd/dx = -invstd**3 (x - mean)/n``. Under ``create_graph`` the backward recomputes
+    both from ``x`` with differentiable operations, so higher derivatives are right too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, eps: float) -> Any:
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.eps = eps
+        return mean.clone(), invstd.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: torch.Tensor | None, grad_invstd: torch.Tensor | None) -> Any:
+        x, mean, invstd = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // max(x.shape[1], 1)
+        if torch.is_grad_enabled():  # create_graph: statistics as functions of x
+            mean = x.mean(dims)
+            invstd = torch.rsqrt(x.var(dims, correction=0) + ctx.eps)
+        grad_x = torch.zeros_like(x)
+        if grad_mean is not None:
+            grad_x = grad_x + (grad_mean / count).reshape(shape)
+        if grad_invstd is not None:
+            factor = (-(invstd**3) * grad_invstd / count).reshape(shape)
+            grad_x = grad_x + (x - mean.reshape(shape)) * factor
+        return grad_x, None, None, None
+
+
+def _fits(x: Any, *arrays: Any, differentiable: tuple[Any, ...] = ()) -> bool:
+    """float32/float64 strided tensors of one dtype on the CPU or one CUDA device. None is fine;
+    ``x`` and ``arrays`` must not need a graph recorded unless listed in ``differentiable`` (the
+    forward's x, weight and bias, whose gradients the kernels provide)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    dtype = x.dtype
+    on_cpu = x.is_cpu
+    if dtype not in _DTYPES or not (on_cpu or x.is_cuda) or x.layout != torch.strided:
+        return False
+    place = None if on_cpu else x.device  # building a device object costs; the CPU test is is_cpu
+    recording = torch.is_grad_enabled()
+    for array in (x, *arrays, *differentiable):
+        if array is None:
+            continue
+        if array is not x and (
+            not isinstance(array, torch.Tensor)
+            or array.dtype != dtype
+            or (not array.is_cpu if on_cpu else array.device != place)
+        ):
+            return False
+        if recording and array.requires_grad and not any(array is allowed for allowed in differentiable):
+            return False
+    return True
+
+
+class TorchKernels:
+    """PyTorch's batch-norm kernels behind the shared functions (see the module docstring)."""
+
+    def serves_forward(
+        self, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, recipe: Recipe, *, training: bool
+    ) -> bool:
+        if recipe.channel_axis != 1 or not _fits(x, running_mean, running_var, differentiable=(x, weight, bias)):
+            return False
+        if x.is_cpu:
+            return training or x.numel() >= MIN_EVAL_ELEMENTS
+        return not (training and torch.cuda.is_current_stream_capturing())  # the verdict reads on the host
+
+    def train(self, x: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any]:
+        if x.is_cpu or _IMPL_INDEX is None:
+            output, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        else:  # CUDA: the kernel F.batch_norm would choose (cuDNN where it applies), with its statistics
+            output, mean, invstd, _, _ = _IMPL_INDEX(
+                x, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
+            )
+        return output, mean, invstd
+
+    def eval(self, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float) -> Any:
+        """What ``F.batch_norm(..., training=False)`` runs, without its Python checks (ours are
+        done): ``torch.batch_norm``, which picks cuDNN or the native kernel."""
+        return torch.batch_norm(
+            x, weight, bias, running_mean, running_var, False, 0.0, eps, torch.backends.cudnn.enabled
+        )
+
+    def short_form(self, x: Any) -> bool:
+        """The CPU kernels compute ``x * alpha + beta``; the CUDA ones (native and cuDNN)
+        ``(x - mean) * invstd * weight + bias`` (measured as exact as ours on every data set of
+        ``python -m portable_bn accuracy``, offsets included)."""
+        return bool(x.is_cpu)
+
+    def differentiable_statistics(self, x: Any, mean: Any, invstd: Any, eps: float) -> tuple[Any, Any]:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _BatchStatistics.apply(x, mean, invstd, eps)
+        return mean, invstd
+
+    def serves_backward(
+        self, grad: Any, x: Any, weight: Any, mean: Any, invstd: Any, recipe: Recipe, *, training: bool
+    ) -> bool:
+        return training and recipe.channel_axis == 1 and _fits(x, grad, weight, mean, invstd)
+
+    def backward(self, grad: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, Any, Any] | None:
+        """The training backward by PyTorch's kernel (the CUDA kernel needs a weight: ones stand
+        in for None). On the CPU, None where the kernel's range was exceeded: it rounds
+        ``sum(g * (x - mean)) = grad_weight / invstd`` to the dtype, which overflows for data of
+        |x| beyond about 1e37 in float32 (checked on the host: C values); a NaN or Inf parameter
+        gradient is handed over too (the shared code then gives its own)."""
+        if weight is None and not x.is_cpu:
+            weight = torch.ones_like(mean)
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
+        )
+        if x.is_cpu:
+            largest = torch.finfo(x.dtype).max
+            with torch.no_grad():  # |sum(g * (x - mean))| = |grad_weight| / invstd < largest
+                in_range = (grad_weight.abs() < largest * invstd) & torch.isfinite(grad_bias)
+                if not bool(in_range.all()):
+                    return None
+        return grad_input, grad_weight, grad_bias
+
+
+class TorchPrimitives(Primitives):
+    """The pure primitives with ``addcmul`` for the scale-and-shift, and PyTorch's kernels."""
+
+    name = "PyTorch"
+    native = TorchKernels()
+
+    def __init__(self, xp: ModuleType, *, on_cpu: bool) -> None:
+        super().__init__(xp)
+        self.eager = self.branches = on_cpu
+
+    def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
+        """One ``addcmul`` kernel for the multiply and add (the rounding of PyTorch's own kernels)."""
+        if add is None:
+            return super().affine(x, recipe, scale, shift, mult, add)
+        values = self._centred(x, recipe, scale, shift)
+        return torch.addcmul(self._channel(add, recipe, x), values, self._channel(mult, recipe, x))
+
+
+_PRIMITIVES: dict[tuple[int, str], Primitives] = {}
+
+
+def primitives_for(xp: ModuleType, x: Any) -> Primitives:
+    """PyTorch's primitive set for the device of ``x``: the CPU and CUDA sets, else (``meta``,
+    other devices) the pure primitives."""
+    kind = x.device.type
+    key = (id(xp), kind)
+    found = _PRIMITIVES.get(key)
+    if found is None:
+        found = Primitives(xp) if kind not in ("cpu", "cuda") else TorchPrimitives(xp, on_cpu=kind == "cpu")
+        _PRIMITIVES[key] = found
+    return found

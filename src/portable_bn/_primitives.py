@@ -1,0 +1,136 @@
+"""The primitive operations a backend may supply, and their pure array-API versions.
+
+:mod:`._agnostic` reaches full-size arrays only through a :class:`Primitives` object: a few
+per-channel reductions, the fused scale-and-shift, the input gradient's fused form, and the
+running of per-channel arithmetic. This class is the pure array-API version of each, which
+every library runs unless a backend module (:mod:`._backends`) overrides it; the suite
+checks every override against these. A primitive holds no batch-norm rule: it computes
+exactly the sums or the elementwise form it names, to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Protocol
+
+from ._recipe import Recipe
+
+
+class Primitives:
+    """Pure array-API primitives for the namespace ``xp``.
+
+    Per-channel vectors are 1-D arrays of C values; ``None`` for a ``scale`` or ``shift`` means
+    1 or 0 (the operation is left out). Reductions may accumulate in a wider dtype than the
+    input's (the agnostic arithmetic then runs in it); elementwise results have the input's dtype.
+    """
+
+    name = "array API"
+    eager = False
+    """Values are readable on the host at no cost (NumPy, PyTorch on the CPU): the algorithm may
+    use a plain ``if`` on them, also to pick a shorter elementwise form."""
+    branches = False
+    """The algorithm may choose between routes by values (:meth:`branch`): eager arrays, or a
+    compiler's conditional (``jax.lax.cond``). Lazy arrays (Dask), GPU arrays (a host read is a
+    synchronisation) and value-less devices take the route that needs no choice."""
+    native: NativeKernels | None = None
+    """A whole-op kernel of the library itself, with the same contract (PyTorch's), or None."""
+
+    def __init__(self, xp: ModuleType) -> None:
+        self.xp = xp
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} for {self.xp.__name__}>"
+
+    def branch(self, unsafe: Any, careful: Callable[[], Any], quick: Callable[[], Any]) -> Any:
+        """``careful()`` where the 0-d bool ``unsafe`` holds, else ``quick()`` (only where
+        :attr:`branches`); both return arrays of the same structure."""
+        return careful() if bool(unsafe) else quick()
+
+    def quiet(self) -> contextlib.AbstractContextManager[Any]:
+        """A context for the arithmetic of one call: NumPy leaves out its floating-point warnings,
+        which the algorithm's own checks stand in for."""
+        return contextlib.nullcontext()
+
+    def first_pass(self, x: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
+        """Per channel ``min(x)``, ``max(x)`` and ``sum(x * shrink)``."""
+        xp, axes = self.xp, recipe.reduce_axes
+        return xp.min(x, axis=axes), xp.max(x, axis=axes), xp.sum(x * shrink, axis=axes)
+
+    def shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
+        """Per channel ``sum(c)`` and ``sum(c * c)``, ``c = x * scale - shift``."""
+        xp, axes = self.xp, recipe.reduce_axes
+        values = self._centred(x, recipe, scale, shift)
+        return xp.sum(values, axis=axes), xp.sum(values * values, axis=axes)
+
+    def product_sums(self, grad: Any, x: Any, recipe: Recipe, shift: Any, scale: Any) -> tuple[Any, Any]:
+        """Per channel ``sum(grad)`` and ``sum(grad * (x - shift) * scale)``."""
+        xp, axes = self.xp, recipe.reduce_axes
+        values = x if shift is None else x - self._channel(shift, recipe, x)
+        if scale is not None:
+            values = values * self._channel(scale, recipe, x)
+        return xp.sum(grad, axis=axes), xp.sum(grad * values, axis=axes)
+
+    def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
+        """The fused scale-and-shift ``(x * scale - shift) * mult + add``."""
+        values = self._centred(x, recipe, scale, shift) * self._channel(mult, recipe, x)
+        return values if add is None else values + self._channel(add, recipe, x)
+
+    def grad_input(self, grad: Any, x: Any, recipe: Recipe, k: Any, shift: Any, f: Any, c: Any) -> Any:
+        """``grad * k + (x - shift) * f + c``."""
+        values = x if shift is None else x - self._channel(shift, recipe, x)
+        return grad * self._channel(k, recipe, x) + values * self._channel(f, recipe, x) + self._channel(c, recipe, x)
+
+    def per_channel(self, fn: Callable[..., Any], *vectors: Any, **options: Any) -> Any:
+        """``fn(xp, *vectors, **options)``: arithmetic on per-channel vectors (None allowed),
+        ``options`` Python scalars, flags and dtypes. A backend may compile ``fn`` (CuPy)."""
+        return fn(self.xp, *vectors, **options)
+
+    def _centred(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> Any:
+        values = x if scale is None else x * self._channel(scale, recipe, x)
+        return values if shift is None else values - self._channel(shift, recipe, x)
+
+    def _channel(self, vector: Any, recipe: Recipe, x: Any) -> Any:
+        """A per-channel vector in ``x``'s dtype, shaped to broadcast against it."""
+        xp = self.xp
+        if vector.dtype != x.dtype:
+            vector = xp.astype(vector, x.dtype)
+        return xp.reshape(vector, recipe.param_shape)
+
+
+class NativeKernels(Protocol):
+    """A library's own whole-op kernels, used behind the same functions where they serve."""
+
+    def serves_forward(
+        self, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, recipe: Recipe, *, training: bool
+    ) -> bool:
+        """Whether the kernels take these arguments (dtypes, devices, layout, autograd)."""
+        ...
+
+    def train(self, x: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any]:
+        """Output, batch mean and invstd; no running statistics."""
+        ...
+
+    def eval(self, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float) -> Any:
+        """The eval output."""
+        ...
+
+    def short_form(self, x: Any) -> bool:
+        """Whether the kernel computes the output as ``x * alpha + beta``."""
+        ...
+
+    def differentiable_statistics(self, x: Any, mean: Any, invstd: Any, eps: float) -> tuple[Any, Any]:
+        """The kernel's mean and invstd with derivatives in ``x`` where autograd records."""
+        ...
+
+    def serves_backward(
+        self, grad: Any, x: Any, weight: Any, mean: Any, invstd: Any, recipe: Recipe, *, training: bool
+    ) -> bool:
+        """Whether the backward kernel takes these arguments."""
+        ...
+
+    def backward(self, grad: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, Any, Any] | None:
+        """The training backward (grad_input, grad_weight, grad_bias), or None where the kernel's
+        own limits were exceeded."""
+        ...
