@@ -20,7 +20,7 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
-CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "dask"]
+CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask"]
 GPU_BACKENDS = ["cupy", "torch_gpu", "jax_gpu"]
 nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lint", "docs"]
 
@@ -34,6 +34,7 @@ REQUIREMENTS: dict[str, tuple[list[str], list[str]]] = {
     "array_api_strict": (["strict"], []),
     "torch": ([], []),  # installed by install_torch
     "jax": (["jax"], []),
+    "jax_x32": (["jax"], []),  # JAX's default configuration: 64-bit types off
     "dask": (["dask"], []),
     "cupy": ([], ["cupy-cuda12x"]),
     "torch_gpu": ([], []),  # installed by install_torch (a CUDA build)

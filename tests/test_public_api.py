@@ -39,3 +39,37 @@ def test_functions_take_options_by_keyword_only():
     ]:
         params = inspect.signature(func).parameters
         assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == keyword_only
+
+
+TESTING_PUBLIC = [name for name in pbn.testing.__all__ if not name.isupper()]  # constants have no docstrings
+
+
+def test_testing_all_lists_exactly_the_public_names():
+    from portable_bn import testing
+
+    exported = {
+        name for name in dir(testing) if not name.startswith("_") and not inspect.ismodule(getattr(testing, name))
+    }
+    assert exported == set(testing.__all__)
+
+
+@pytest.mark.parametrize("name", TESTING_PUBLIC)
+def test_testing_names_have_docstrings_with_examples(name):
+    doc = inspect.getdoc(getattr(pbn.testing, name)) or ""
+    assert doc.splitlines()[0].strip(), name
+    assert "Examples\n--------\n>>> " in doc, f"portable_bn.testing.{name} has no runnable example"
+
+
+def test_import_loads_no_array_library():
+    """``import portable_bn`` imports no array library and not array-api-compat's NumPy wrapper:
+    each is loaded when an array of it arrives (a torch-only user pays for no NumPy namespace)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import portable_bn; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('numpy', 'torch', 'jax', 'cupy', 'dask', 'array_api_strict') or m == 'array_api_compat.numpy'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -16,7 +16,16 @@ import pytest
 
 import portable_bn as pbn
 from conftest import selected_backends
-from portable_bn.testing import ReferenceModule, max_error, reference_backward, reference_batch_norm, sample, tolerance
+from portable_bn.testing import (
+    HARD_DATA,
+    ReferenceModule,
+    hard_data,
+    max_error,
+    reference_backward,
+    reference_batch_norm,
+    sample,
+    tolerance,
+)
 
 pytestmark = pytest.mark.skipif("torch" not in selected_backends(), reason="torch not selected by PBN_BACKENDS")
 
@@ -834,3 +843,49 @@ def test_our_torch_state_dict_loads_into_torch_module(dtype):
         assert_close(ours(x), theirs(x), tol, f"training={training} output")
         assert_state_matches_torch(ours, theirs, tol, f"training={training}")
     assert int(theirs.num_batches_tracked) == 4
+
+
+# ----------------------------------------------------------------- hard data
+@pytest.mark.parametrize("name", [name for name, (_, dtypes) in HARD_DATA.items() if "float64" in dtypes])
+def test_hard_data_reference_and_ours_match_torch_in_float64(name):
+    """On every hard data set (as float64 values): PyTorch's float64 statistics, running
+    statistics, output and autograd gradients agree with the float64 reference, and our code
+    fed float64 tensors agrees with PyTorch. Where PyTorch's own kernel is not exact, the
+    comparison leaves it out: its output ``x * alpha + beta`` loses ``|mean| * invstd`` units of
+    float64's precision, and the variance of a constant channel of huge values is not 0, so the
+    output, the running variance and the gradients are compared on the channels where
+    ``|mean| * invstd <= 1e3``. Ours is compared with the reference on every channel by
+    ``test_numerics`` (float64 included)."""
+    x_host = hard_data(name, (8, 3, 4, 4), seed=5)
+    rng = np.random.default_rng(6)
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2.0, 3)
+    w, b = rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
+    upstream = rng.normal(size=x_host.shape)
+    expected = reference_batch_norm(x_host, rm, rv, w, b, training=True, momentum=0.25)
+    exact = np.abs(expected["mean"]) * expected["invstd"] <= 1e3  # channels where PyTorch's output is exact
+    want_grads = reference_backward(upstream, x_host, w, expected["mean"], expected["invstd"], training=True)
+    results = {}
+    for who in ("torch", "ours"):
+        x = tensor(x_host, requires_grad=True)
+        weight, bias = tensor(w, requires_grad=True), tensor(b, requires_grad=True)
+        running = [tensor(rm), tensor(rv)]
+        if who == "torch":
+            output = F.batch_norm(x, *running, weight, bias, training=True, momentum=0.25)
+        else:
+            result = pbn.batch_norm(x, *running, weight, bias, training=True, momentum=0.25)
+            output, running = result.output, [result.running_mean, result.running_var]
+        grads = torch.autograd.grad(output, (x, weight, bias), tensor(upstream))
+        results[who] = (output, running, grads)
+    for who, (output, running, grads) in results.items():
+        assert_close(host(output)[:, exact], expected["output"][:, exact], what=f"{who}: output")
+        assert_close(running[0], expected["running_mean"], what=f"{who}: running_mean")
+        assert_close(host(running[1])[exact], expected["running_var"][exact], what=f"{who}: running_var")
+        assert_close(host(grads[0])[:, exact], want_grads[0][:, exact], tol=GRAD_TOL, what=f"{who}: grad_input")
+        for what, got, want in zip(("grad_weight", "grad_bias"), grads[1:], want_grads[1:], strict=True):
+            assert_close(host(got)[exact], want[exact], tol=GRAD_TOL, what=f"{who}: {what}")
+    ours, theirs = results["ours"], results["torch"]
+    assert_close(host(ours[0])[:, exact], host(theirs[0])[:, exact], what="ours vs torch: output")
+    for what, got, want in zip(("grad_input", "grad_weight", "grad_bias"), ours[2], theirs[2], strict=True):
+        got, want = host(got), host(want)
+        got, want = (got[:, exact], want[:, exact]) if what == "grad_input" else (got[exact], want[exact])
+        assert_close(got, want, tol=GRAD_TOL, what=f"ours vs torch: {what}")

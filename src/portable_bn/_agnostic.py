@@ -119,11 +119,13 @@ def untrusted(xp: ModuleType, mean: Any, var: Any, dtype: Any, offset: Any = Non
     return ~(var <= float(info.max)) | (var < floor)
 
 
-def _short_form(xp: ModuleType, mean: Any, var: Any, scale: Any) -> Any:
-    """Per channel: ``x * scale + (b - mean * scale)`` may stand for ``(x - mean) * scale + b``
-    (:data:`SHORT_FORM_MEAN_OVER_STD`)."""
-    bound = SHORT_FORM_MEAN_OVER_STD * SHORT_FORM_MEAN_OVER_STD
-    return (mean * mean <= bound * var) | (xp.abs(mean * scale) <= 1.0)
+def _short_form(xp: ModuleType, mean: Any, invstd: Any, scale: Any) -> Any:
+    """Per channel: ``x * scale + (b - mean * scale)`` may stand for ``(x - mean) * scale + b``:
+    ``|mean| * invstd <= T`` (:data:`SHORT_FORM_MEAN_OVER_STD`) or ``|mean * scale| <= 1``. The
+    extra rounding of ``x * scale`` is then within what the longer form rounds anyway, on the
+    normwise scale ``max(1, max|y|)``. (Written with ``invstd``, not ``mean**2 <= var``: squares
+    of huge data overflow, and an overflow must not pass.)"""
+    return (xp.abs(mean) * invstd <= SHORT_FORM_MEAN_OVER_STD) | (xp.abs(mean * scale) <= 1.0)
 
 
 def _as(xp: ModuleType, array: Any, dtype: Any) -> Any:
@@ -417,7 +419,7 @@ def _train_vectors(
     if short:
         short_mult = stats.invstd if weight is None else stats.invstd * _as(xp, weight, stats.mean.dtype)
         short_add = -stats.mean * short_mult if bias is None else _as(xp, bias, mult.dtype) - stats.mean * short_mult
-        short_ok = xp.all(_short_form(xp, stats.mean, stats.var, short_mult))
+        short_ok = xp.all(_short_form(xp, stats.mean, stats.invstd, short_mult))
     mean, invstd = _as(xp, stats.mean, dtype), _as(xp, stats.invstd, dtype)
     if running_mean is not None:
         running_mean, running_var = updated_running_stats(
@@ -468,13 +470,14 @@ def train_forward(
             eps=eps,
             dtype=dtype,
             skip_nonfinite=skip_nonfinite,
-            short=prims.eager,
+            short=short,
             verdict=verdict,
         )
 
+    short = prims.eager and prims.shortcuts(x_compute)
     with prims.quiet():
         sums, vectors = batch_statistics(prims, x_compute, recipe, finish)
-        if prims.eager and bool(vectors.short):
+        if short and bool(vectors.short):
             output = prims.affine(x_compute, recipe, None, None, vectors.short_mult, vectors.short_add)
         else:
             output = prims.affine(x_compute, recipe, sums.scale, sums.shift, vectors.mult, vectors.add)
@@ -508,7 +511,7 @@ def _eval_vectors(
     short_add = short_ok = None
     if short:
         short_add = -stats.mean * mult if add is None else add - stats.mean * mult
-        short_ok = xp.all(_short_form(xp, stats.mean, stats.var, mult))
+        short_ok = xp.all(_short_form(xp, stats.mean, stats.invstd, mult))
     return _EvalVectors(stats.mean, stats.invstd, mult, add, short_add, short_ok)
 
 
@@ -527,11 +530,12 @@ def eval_forward(
     xp = prims.xp
     dtype = compute_dtype(xp, x.dtype)
     x_compute = _as(xp, x, dtype)
+    short = prims.eager and prims.shortcuts(x_compute)
     with prims.quiet():
         vectors = prims.per_channel(
-            _eval_vectors, running_mean, running_var, weight, bias, eps=eps, dtype=dtype, short=prims.eager
+            _eval_vectors, running_mean, running_var, weight, bias, eps=eps, dtype=dtype, short=short
         )
-        if prims.eager and bool(vectors.short):
+        if short and bool(vectors.short):
             output = prims.affine(x_compute, recipe, None, None, vectors.mult, vectors.short_add)
         else:
             output = prims.affine(x_compute, recipe, None, vectors.mean, vectors.mult, vectors.add)
@@ -593,27 +597,30 @@ def _backward_vectors(
     )
 
 
-def backward_sums(prims: Primitives, grad: Any, x: Any, mean: Any, invstd: Any, recipe: Recipe) -> tuple[Any, Any]:
+def backward_sums(
+    prims: Primitives, grad: Any, x: Any, mean: Any, invstd: Any, recipe: Recipe, *, uncentred: bool
+) -> tuple[Any, Any]:
     """``sum(g)`` and ``sum(g * xhat)``, ``xhat = (x - mean) * invstd``, per channel.
 
-    Where the backend can choose by values and every channel has ``|mean| * invstd <= 1``:
-    ``(sum(g * x) - mean * sum(g)) * invstd``, reductions of the inputs themselves, whose extra
-    error in ``grad_weight`` is at most that of rounding ``sum(g)``; kept unless a sum
-    overflowed. Otherwise the sums of ``g * xhat`` (values of the size of ``g``)."""
+    With ``uncentred``, where the backend can choose by values and every channel has
+    ``|mean| * invstd <= 1``: ``(sum(g * x) - mean * sum(g)) * invstd``, reductions of the
+    inputs themselves, whose extra error in ``grad_weight`` is at most that of rounding
+    ``sum(g)``; kept unless a sum overflowed. Otherwise the sums of ``g * xhat`` (values of the
+    size of ``g``)."""
 
     def centred() -> tuple[Any, Any]:
         return prims.product_sums(grad, x, recipe, mean, invstd)
 
-    if not prims.branches:
+    if not (uncentred and prims.branches):
         return centred()
     xp = prims.xp
 
-    def uncentred() -> tuple[Any, Any]:
+    def of_the_inputs() -> tuple[Any, Any]:
         grad_bias, grad_x = prims.product_sums(grad, x, recipe, None, None)
         grad_weight = prims.per_channel(_uncentred_grad_weight, grad_bias, grad_x, mean, invstd)
         return prims.branch(~xp.all(xp.isfinite(grad_weight)), centred, lambda: (grad_bias, grad_weight))
 
-    return prims.branch(xp.any(xp.abs(mean * invstd) > 1.0), centred, uncentred)
+    return prims.branch(xp.any(xp.abs(mean * invstd) > 1.0), centred, of_the_inputs)
 
 
 def _uncentred_grad_weight(xp: ModuleType, grad_bias: Any, grad_x: Any, mean: Any, invstd: Any) -> Any:
@@ -640,11 +647,13 @@ def backward(
     grad, x_compute = _as(xp, grad_output, dtype), _as(xp, x, dtype)
     mean_c, invstd_c = _as(xp, mean, dtype), _as(xp, invstd, dtype)
     param_dtype = dtype if weight is None else weight.dtype
+    shortcuts = prims.shortcuts(x_compute)
+    short = prims.eager and shortcuts
     with prims.quiet():
         if recipe.count_per_channel == 0:  # every sum is 0 and the input gradient is empty
             zeros = xp.zeros((recipe.num_channels,), dtype=param_dtype, device=_device(x))
             return xp.empty_like(x), zeros, xp.zeros_like(zeros)
-        grad_bias, grad_weight = backward_sums(prims, grad, x_compute, mean_c, invstd_c, recipe)
+        grad_bias, grad_weight = backward_sums(prims, grad, x_compute, mean_c, invstd_c, recipe, uncentred=shortcuts)
         vectors = prims.per_channel(
             _backward_vectors,
             mean_c,
@@ -656,11 +665,11 @@ def backward(
             dtype=dtype,
             param_dtype=param_dtype,
             training=training,
-            short=prims.eager,
+            short=short,
         )
         if not training:
             grad_input = prims.affine(grad, recipe, None, None, vectors.k, None)
-        elif prims.eager and bool(vectors.short):
+        elif short and bool(vectors.short):
             grad_input = prims.grad_input(grad, x_compute, recipe, vectors.k, None, vectors.f, vectors.short_c)
         else:
             grad_input = prims.grad_input(grad, x_compute, recipe, vectors.k, mean_c, vectors.f, vectors.c)

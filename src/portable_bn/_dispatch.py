@@ -34,9 +34,29 @@ _pure: dict[str, Primitives] = {}
 
 @contextlib.contextmanager
 def pure_primitives() -> Iterator[None]:
-    """Within this context (per thread and per asyncio task), every call uses the pure
-    array-API primitives, no native kernel and no value-dependent route: the algorithm as a
-    lazy or remote library runs it. The suite compares every backend's results with these."""
+    """Run portable_bn on the pure array-API primitives alone, within this context.
+
+    Within it (per thread and per asyncio task), every call uses the pure array-API
+    primitives, no native kernel and no value-dependent route: the algorithm as a lazy or
+    remote library runs it. The suite compares every backend's results with these.
+
+    Yields
+    ------
+    None
+        Nothing: a context.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import portable_bn as pbn
+    >>> from portable_bn.testing import max_error, pure_primitives
+    >>> x = np.random.default_rng(0).normal(size=(64, 8, 32)).astype(np.float32)
+    >>> accelerated = pbn.batch_norm(x, training=True).output
+    >>> with pure_primitives():
+    ...     pure = pbn.batch_norm(x, training=True).output
+    >>> max_error(accelerated, pure) < 1e-6
+    True
+    """
     token = _pure_only.set(True)
     try:
         yield

@@ -48,6 +48,12 @@ class Primitives:
         :attr:`branches`); both return arrays of the same structure."""
         return careful() if bool(unsafe) else quick()
 
+    def shortcuts(self, x: Any) -> bool:
+        """Whether value-dependent shortcuts that save elementwise work (an output computed without
+        a subtraction, on eager arrays; the backward's sums of the inputs themselves, where the
+        backend :attr:`branches`) are worth their per-channel checks on ``x``."""
+        return False
+
     def quiet(self) -> contextlib.AbstractContextManager[Any]:
         """A context for the arithmetic of one call: NumPy leaves out its floating-point warnings,
         which the algorithm's own checks stand in for."""

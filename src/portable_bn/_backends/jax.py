@@ -121,16 +121,26 @@ class JaxPrimitives(Primitives):
     branches = True
 
     def branch(self, unsafe: Any, careful: Callable[[], Any], quick: Callable[[], Any]) -> Any:
-        """``lax.cond`` on the CPU; on other platforms the careful side alone (a ``cond`` becomes
-        a select there, which runs both). Both sides return the same structure: a missing scale
-        or shift of :class:`~portable_bn._agnostic.ShiftedSums` becomes ones or zeros."""
+        """Under a trace: ``lax.cond`` on the CPU, and on other platforms the careful side alone
+        (a ``cond`` becomes a select there, which runs both); both sides return the same
+        structure (a missing scale or shift of :class:`~portable_bn._agnostic.ShiftedSums`
+        becomes ones or zeros). Eager arrays hold their values: a plain choice, which spares
+        tracing both sides at every call."""
+        if not isinstance(unsafe, jax.core.Tracer):
+            return careful() if bool(unsafe) else quick()
         return jax.lax.platform_dependent(
             cpu=lambda: jax.lax.cond(unsafe, lambda: _filled(self.xp, careful()), lambda: _filled(self.xp, quick())),
             default=careful,
         )
 
+    def shortcuts(self, x: Any) -> bool:
+        """Under ``jit`` the checks cost nothing next to a pass: the backward's sums of the inputs
+        themselves (chosen by ``lax.cond``) save XLA storing ``xhat`` and reading it back."""
+        return True
+
     def first_pass(self, x: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
-        return jax.lax.platform_dependent(
+        return _per_platform(
+            x,
             cpu=lambda: super(JaxPrimitives, self).first_pass(x, recipe, shrink),
             default=lambda: gpu_first_pass(self.xp, x, recipe, shrink),
         )
@@ -139,10 +149,19 @@ class JaxPrimitives(Primitives):
         if not batch_first_layout(tuple(x.shape), recipe):
             return super().shifted_sums(x, recipe, scale, shift)
         values = self._centred(x, recipe, scale, shift)
-        return jax.lax.platform_dependent(
+        return _per_platform(
+            x,
             cpu=lambda: super(JaxPrimitives, self).shifted_sums(x, recipe, scale, shift),
             default=lambda: _batch_first(self.xp, (values, values * values), (self.xp.sum, self.xp.sum), recipe),
         )
+
+
+def _per_platform(x: Any, *, cpu: Callable[[], Any], default: Callable[[], Any]) -> Any:
+    """``cpu()`` on the CPU, else ``default()``: by ``jax.lax.platform_dependent`` under a trace
+    (the platform is known when the computation is lowered), by the array's device when eager."""
+    if isinstance(x, jax.core.Tracer):
+        return jax.lax.platform_dependent(cpu=cpu, default=default)
+    return cpu() if next(iter(x.devices())).platform == "cpu" else default()
 
 
 def _filled(xp: ModuleType, result: Any) -> Any:

@@ -44,8 +44,8 @@ TILE_ROWS = 16
 
 SMALL_BYTES = 1 << 17
 """Inputs up to this size sit in the L2 cache whole: nothing to tile. They take the pure
-primitives (on the namespace of :func:`_lean`), whose sums in the input's dtype keep the
-per-channel arithmetic free of conversions: a small call's cost is its number of NumPy calls."""
+primitives' elementwise work (on the namespace of :func:`_lean`: a small call's cost is its
+number of NumPy calls), with the sums accumulated in float64 as the tiles' are."""
 
 DOT_ROW = 65536
 """Longest row summed by a BLAS dot product: OpenBLAS threads dot products only above
@@ -199,6 +199,9 @@ class NumpyPrimitives(Primitives):
     def quiet(self) -> contextlib.AbstractContextManager[Any]:
         return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
+    def shortcuts(self, x: Any) -> bool:
+        return bool(x.nbytes > SMALL_BYTES)
+
     def first_pass(self, x: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
         if not _tileable(x):
             return super().first_pass(x, recipe, shrink)
@@ -218,7 +221,13 @@ class NumpyPrimitives(Primitives):
 
     def shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
         if not _tileable(x):
-            return super().shifted_sums(x, recipe, scale, shift)
+            if not _small(x):
+                return super().shifted_sums(x, recipe, scale, shift)
+            values = self._centred(x, recipe, scale, shift)
+            axes = recipe.reduce_axes
+            return np.add.reduce(values, axis=axes, dtype=np.float64), np.add.reduce(
+                values * values, axis=axes, dtype=np.float64
+            )
         x3, tiling = _setup(x, recipe)
         scale, shift = _vector(scale, x.dtype), _vector(shift, x.dtype)
         if shift is not None and not shift.any():
@@ -241,7 +250,15 @@ class NumpyPrimitives(Primitives):
 
     def product_sums(self, grad: Any, x: Any, recipe: Recipe, shift: Any, scale: Any) -> tuple[Any, Any]:
         if not _tileable(x, grad):
-            return super().product_sums(grad, x, recipe, shift, scale)
+            if not (_small(x) and _small(grad)):
+                return super().product_sums(grad, x, recipe, shift, scale)
+            values = x if shift is None else x - self._channel(shift, recipe, x)
+            if scale is not None:
+                values = values * self._channel(scale, recipe, x)
+            axes = recipe.reduce_axes
+            return np.add.reduce(grad, axis=axes, dtype=np.float64), np.add.reduce(
+                grad * values, axis=axes, dtype=np.float64
+            )
         x3, tiling = _setup(x, recipe)
         g3 = grad.reshape(x3.shape)
         shift, scale = _vector(shift, x.dtype), _vector(scale, x.dtype)
@@ -308,6 +325,12 @@ def _tileable(*arrays: Any) -> bool:
     if type(first) is not np.ndarray or dtype not in _DTYPES or first.nbytes <= SMALL_BYTES:
         return False
     return all(type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous for a in arrays)
+
+
+def _small(x: Any) -> bool:
+    """A cache-sized float32/float64 ndarray (any layout): the pure primitives' elementwise work,
+    with sums accumulated in float64 as the tiles' are."""
+    return type(x) is np.ndarray and x.dtype in _DTYPES and x.nbytes <= SMALL_BYTES
 
 
 def _setup(x: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, _Tiling]:

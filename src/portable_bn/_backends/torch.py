@@ -32,6 +32,9 @@ MIN_EVAL_ELEMENTS = 1 << 16
 """CPU: below this size the shared eval (two small passes) is faster than the verdict on the
 running statistics plus the kernel call; training always gains."""
 
+SHORTCUTS_FROM = 1 << 17
+"""Bytes of input from which the value-dependent elementwise shortcuts are tried (CPU)."""
+
 _DTYPES = (torch.float32, torch.float64)
 
 _IMPL_INDEX = getattr(torch, "_batch_norm_impl_index", None)
@@ -169,6 +172,10 @@ class TorchPrimitives(Primitives):
     def __init__(self, xp: ModuleType, *, on_cpu: bool) -> None:
         super().__init__(xp)
         self.eager = self.branches = on_cpu
+
+    def shortcuts(self, x: Any) -> bool:
+        """On the CPU, for inputs of more than 128 KiB (below, the checks cost more than the pass)."""
+        return self.eager and x.numel() * x.element_size() > SHORTCUTS_FROM
 
     def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
         """One ``addcmul`` kernel for the multiply and add (the rounding of PyTorch's own kernels)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._compat import to_numpy
 
-CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask")
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask")
 GPU_BACKENDS = ("cupy", "torch_gpu", "jax_gpu")
 ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 
@@ -145,6 +145,7 @@ _MAKERS: dict[str, Callable[[Combination, np.ndarray, Any], Any]] = {
     "torch": _torch,
     "torch_gpu": _torch,
     "jax": _jax,
+    "jax_x32": _jax,
     "jax_gpu": _jax,
     "dask": _dask,
     "cupy": _cupy,
@@ -160,7 +161,17 @@ def cupy_device_count(cp: Any) -> int:
 
 
 class BackendUnavailable(Exception):
-    """The backend's library is not installed, or it has no device here."""
+    """The backend's library is not installed, or it has no device here.
+
+    Examples
+    --------
+    >>> from portable_bn.testing import BackendUnavailable, combinations
+    >>> try:
+    ...     combinations("cupy")
+    ... except BackendUnavailable as why:
+    ...     print("skipped:", str(why).split(":")[0])
+    skipped: cupy
+    """
 
 
 def combinations(backend: str) -> list[Combination]:
@@ -169,8 +180,9 @@ def combinations(backend: str) -> list[Combination]:
     Parameters
     ----------
     backend : str
-        ``"numpy"``, ``"array_api_strict"``, ``"torch"``, ``"jax"``, ``"dask"``, ``"cupy"``,
-        ``"torch_gpu"`` or ``"jax_gpu"``.
+        ``"numpy"``, ``"array_api_strict"``, ``"torch"``, ``"jax"`` (64-bit types enabled),
+        ``"jax_x32"`` (JAX's default configuration), ``"dask"``, ``"cupy"``, ``"torch_gpu"`` or
+        ``"jax_gpu"``.
 
     Returns
     -------
@@ -197,6 +209,25 @@ def combinations(backend: str) -> list[Combination]:
         raise BackendUnavailable(f"{backend}: not installed ({exc})") from None
 
 
+_jax_x64: list[bool] = []
+"""The 64-bit setting this process gave JAX (it is process-wide): set once, by the first JAX backend asked for."""
+
+
+def _jax_precision(backend: str, jax: Any) -> None:
+    """``jax`` and ``jax_gpu`` run with 64-bit types enabled (float64 and int64, as the other
+    libraries); ``jax_x32`` in JAX's default configuration (float32 at most, int32 counters).
+    The setting is process-wide, so one process serves one of the two."""
+    wanted = backend != "jax_x32"
+    if not _jax_x64:
+        jax.config.update("jax_enable_x64", wanted)
+        _jax_x64.append(wanted)
+    elif _jax_x64[0] != wanted:
+        setting = "enabled" if _jax_x64[0] else "disabled"
+        raise BackendUnavailable(
+            f"{backend}: this process has 64-bit JAX {setting} for another JAX backend; run it in a process of its own"
+        )
+
+
 def _combinations(backend: str) -> Iterator[Combination]:
     if backend == "numpy":
         for name in ("float16", "float32", "float64"):
@@ -217,17 +248,18 @@ def _combinations(backend: str) -> Iterator[Combination]:
         for dev, values in devices:
             for name in ("float16", "bfloat16", "float32", "float64"):
                 yield Combination(backend, torch, dev, name, values=values)
-    elif backend in ("jax", "jax_gpu"):
+    elif backend in ("jax", "jax_x32", "jax_gpu"):
         jax = importlib.import_module("jax")
-        jax.config.update("jax_enable_x64", True)  # float64 and int64 as in the other libraries
+        _jax_precision(backend, jax)
         jnp = importlib.import_module("jax.numpy")
-        platform = "cpu" if backend == "jax" else "gpu"
+        platform = "gpu" if backend == "jax_gpu" else "cpu"
         try:
             devices = jax.devices(platform)
         except RuntimeError:
             raise BackendUnavailable(f"{backend}: JAX sees no {platform} device") from None
+        names = ("float16", "bfloat16", "float32") + (() if backend == "jax_x32" else ("float64",))
         for dev in devices[:1]:
-            for name in ("float16", "bfloat16", "float32", "float64"):
+            for name in names:
                 yield Combination(backend, jnp, dev, name, values=True)
     elif backend == "dask":
         da = importlib.import_module("dask.array")

@@ -170,8 +170,21 @@ def reference_backward(
 
 
 def reference_moments(x: Any, *, axis: int = 1) -> tuple[int, np.ndarray, np.ndarray]:
-    """Per-channel ``(count, mean, M2)`` of ``x`` in float64 (``M2``: the sum of squared
-    deviations from the mean), with exactly rounded sums.
+    """Per-channel ``(count, mean, M2)`` of ``x`` in float64, with exactly rounded sums.
+
+    Parameters
+    ----------
+    x : array_like
+        The values (any float dtype; computed in float64).
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    count : int
+        Values per channel.
+    mean, m2 : ndarray
+        Per channel, the mean and the sum of squared deviations from it.
 
     Examples
     --------
@@ -188,8 +201,22 @@ def reference_moments(x: Any, *, axis: int = 1) -> tuple[int, np.ndarray, np.nda
 class ReferenceModule:
     """``torch.nn.BatchNorm*d``'s state machine in float64 (rank checks aside).
 
-    Parameters and the attributes ``training`` and ``state`` (weight, bias, running_mean,
-    running_var, num_batches_tracked) mirror the PyTorch module; calling it runs one forward.
+    Calling it runs one forward (:func:`reference_batch_norm`) and updates ``state`` as the
+    PyTorch module updates its parameters and buffers.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps, momentum, affine, track_running_stats : optional
+        As for ``torch.nn.BatchNorm2d``.
+    axis : int
+        The channel axis.
+    training : bool
+        Training mode (the attribute, changed between calls).
+    state : dict
+        ``weight``, ``bias``, ``running_mean``, ``running_var`` (float64 arrays) and
+        ``num_batches_tracked`` (int), filled with PyTorch's initial values.
 
     Examples
     --------

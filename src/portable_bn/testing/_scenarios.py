@@ -19,9 +19,19 @@ from ._tolerance import dtype_error, max_error, relative_error, tolerance
 
 
 class Check(NamedTuple):
-    """One comparison of a scenario: what was compared, its error and the largest error allowed
-    (the tolerance of the compared value's dtype: float32 for the statistics, parameters and
-    running statistics of float16/bfloat16 input).
+    """One comparison of a scenario: what was compared, its error and the largest error allowed.
+
+    The limit is the tolerance of the compared value's dtype: float32 for the statistics,
+    parameters and running statistics of float16/bfloat16 input.
+
+    Parameters
+    ----------
+    what : str
+        The value compared (``"output"``, ``"step 2 running_var"``, ...).
+    error : float
+        Its error against the float64 reference.
+    limit : float
+        The largest error allowed.
 
     Examples
     --------
@@ -36,11 +46,22 @@ class Check(NamedTuple):
 
     @property
     def passed(self) -> bool:
+        """Whether the error is within the limit (NaN is not)."""
         return self.error <= self.limit
 
 
 def failures(checks: Iterable[Check]) -> list[Check]:
     """The checks whose error exceeds their limit (NaN counts as exceeding).
+
+    Parameters
+    ----------
+    checks : iterable of Check
+        The checks of one or more scenarios.
+
+    Returns
+    -------
+    list of Check
+        Those that did not pass, in order.
 
     Examples
     --------
@@ -65,8 +86,23 @@ of NumPy's, long and short rows, and PyTorch's native eval (from 65536 elements)
 
 
 def sample(shape: tuple[int, ...], *, seed: int, axis: int = 1) -> np.ndarray:
-    """Float64 data with a different offset and spread per channel, so that a channel mix-up or
-    a wrong reduction axis cannot pass.
+    """Float64 data with a different offset and spread per channel.
+
+    A channel mix-up or a wrong reduction axis cannot pass a comparison on these data.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The shape.
+    seed : int, keyword-only
+        Seed of the random generator.
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    ndarray
+        The data.
 
     Examples
     --------
@@ -128,6 +164,20 @@ square of the prescale underflows)."""
 def hard_data(name: str, shape: tuple[int, ...] = (8, 3, 4, 4), *, seed: int = 0) -> np.ndarray:
     """Float64 values of the data set ``name`` of :data:`HARD_DATA` (channel axis 1).
 
+    Parameters
+    ----------
+    name : str
+        A key of :data:`HARD_DATA`.
+    shape : tuple of int
+        The shape (at least two channels; some sets make channel 0 or 1 constant).
+    seed : int, keyword-only
+        Seed of the random generator.
+
+    Returns
+    -------
+    ndarray
+        The data.
+
     Examples
     --------
     >>> from portable_bn.testing import hard_data
@@ -148,9 +198,27 @@ def module_scenario(
     steps: tuple[bool, ...] = (True, True, False, True, False),
     seed: int = 0,
 ) -> Iterator[Check]:
-    """Drive a module of ours and :class:`ReferenceModule` through ``steps`` (True: a training
-    call, False: an eval call); yield a :class:`Check` (normwise error) of the output and of
-    every piece of state after each step.
+    """Drive a module of ours and :class:`ReferenceModule` through the same calls.
+
+    Parameters
+    ----------
+    combo : Combination
+        The library, device and dtype.
+    kind : str
+        A key of :data:`MODULE_SHAPES`: ``"1d-2D"``, ``"1d-3D"``, ``"2d"`` or ``"3d"``.
+    affine, track_running_stats, momentum : keyword-only
+        As for the modules.
+    axis : int, keyword-only
+        The channel axis.
+    steps : tuple of bool, keyword-only
+        The calls: True for a training call, False for an eval call.
+    seed : int, keyword-only
+        Seed of the data.
+
+    Yields
+    ------
+    Check
+        The output and every piece of state after each step (normwise errors).
 
     Examples
     --------
@@ -212,15 +280,37 @@ def functional_scenario(
     seed: int = 0,
     data: np.ndarray | None = None,
 ) -> Iterator[Check]:
-    """One :func:`~portable_bn.batch_norm` call and its backward against the reference: yield a
-    :class:`Check` of the output, the running statistics, ``mean`` (normwise), ``invstd``
-    (relative, per channel) and the three gradients.
+    """One :func:`~portable_bn.batch_norm` call and its backward against the reference.
 
-    ``data`` (float64, of ``shape``) replaces :func:`sample`'s. Values the reference gives
-    beyond the dtype's range (a running variance, say) must be that infinity. The reference
-    backward takes the true ``invstd`` and the returned ``mean``: a mean rounded to the dtype
-    moves the true gradient by ``|mean| / std`` of its roundings, a property of the rounded
-    statistic that the forward's comparison covers.
+    Values the reference gives beyond the dtype's range (a running variance, say) must be that
+    infinity. The reference backward takes the true ``invstd`` and the returned ``mean``: a
+    mean rounded to the dtype moves the true gradient by ``|mean| / std`` of its roundings, a
+    property of the rounded statistic that the forward's comparison covers.
+
+    Parameters
+    ----------
+    combo : Combination
+        The library, device and dtype.
+    shape : tuple of int
+        The input's shape.
+    training : bool, keyword-only
+        Batch statistics (and the running update) or running statistics.
+    axis : int, keyword-only
+        The channel axis.
+    affine, running : bool, keyword-only
+        Whether weight and bias, and running statistics, are given.
+    momentum, eps : float, keyword-only
+        As for :func:`~portable_bn.batch_norm`.
+    seed : int, keyword-only
+        Seed of the data and the parameters.
+    data : ndarray, optional, keyword-only
+        Float64 values of ``shape`` to use instead of :func:`sample`'s.
+
+    Yields
+    ------
+    Check
+        The output, the running statistics, ``mean`` (normwise), ``invstd`` (relative, per
+        channel) and the three gradients.
 
     Examples
     --------
@@ -273,8 +363,22 @@ def functional_scenario(
 
 
 def hard_data_scenario(combo: Combination, name: str, *, shape: tuple[int, ...] = (8, 3, 4, 4)) -> Iterator[Check]:
-    """:func:`functional_scenario` in training on the data set ``name`` of :data:`HARD_DATA`
-    (nothing for a dtype that cannot hold it).
+    """:func:`functional_scenario` in training on a data set of :data:`HARD_DATA`.
+
+    Parameters
+    ----------
+    combo : Combination
+        The library, device and dtype.
+    name : str
+        A key of :data:`HARD_DATA`.
+    shape : tuple of int, keyword-only
+        The input's shape.
+
+    Yields
+    ------
+    Check
+        As :func:`functional_scenario`, named ``"<data set>: <value>"``; nothing for a dtype
+        that cannot hold the data.
 
     Examples
     --------
@@ -292,9 +396,21 @@ def hard_data_scenario(combo: Combination, name: str, *, shape: tuple[int, ...] 
 
 
 def scenarios(combo: Combination) -> Iterator[Check]:
-    """Every scenario for one combination: the modules (each kind, both momenta, without
-    affine and running statistics, channels last), the functions in training and eval on
-    small and :data:`LARGE_SHAPES` inputs, and every data set of :data:`HARD_DATA`.
+    """Every scenario for one combination.
+
+    The modules (each kind, both momenta, without affine and running statistics, channels
+    last), the functions in training and eval on small and :data:`LARGE_SHAPES` inputs, and
+    every data set of :data:`HARD_DATA`.
+
+    Parameters
+    ----------
+    combo : Combination
+        The library, device and dtype.
+
+    Yields
+    ------
+    Check
+        Every comparison.
 
     Examples
     --------
@@ -319,9 +435,19 @@ def scenarios(combo: Combination) -> Iterator[Check]:
 
 
 def check_combination(combo: Combination) -> None:
-    """Run :func:`scenarios` on ``combo``; raise AssertionError naming every check whose error
-    exceeds its limit (the ``numpy.testing``-style entry point for a library added to the
-    table).
+    """Run :func:`scenarios` on ``combo``, and fail if a check fails.
+
+    The ``numpy.testing``-style entry point for a library added to the table.
+
+    Parameters
+    ----------
+    combo : Combination
+        The library, device and dtype.
+
+    Raises
+    ------
+    AssertionError
+        Naming every check whose error exceeds its limit.
 
     Examples
     --------

@@ -24,8 +24,20 @@ COMPUTE_ULPS = 64
 
 
 def tolerance(dtype_name: str) -> float:
-    """Largest normwise error accepted for an input of ``dtype_name``: ``COMPUTE_ULPS`` units
-    of the compute dtype's precision plus one of the input dtype's.
+    """Largest error accepted for a value of dtype ``dtype_name``.
+
+    ``COMPUTE_ULPS`` units of the compute dtype's precision (float32 for float16/bfloat16)
+    plus one unit of the dtype's own (the final rounding).
+
+    Parameters
+    ----------
+    dtype_name : str
+        ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+
+    Returns
+    -------
+    float
+        The tolerance.
 
     Examples
     --------
@@ -37,8 +49,20 @@ def tolerance(dtype_name: str) -> float:
 
 
 def max_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Normwise error ``max|actual - expected| / max(1, max|expected|)``; NaN where one has NaN
-    and the other not counts as infinite, and so does Inf against a different value.
+    """Normwise error ``max|actual - expected| / max(1, max|expected|)``.
+
+    NaN where one has NaN and the other not counts as infinite, and so does Inf against a
+    different value.
+
+    Parameters
+    ----------
+    actual, expected : array_like
+        Values of the same shape.
+
+    Returns
+    -------
+    float
+        The error (0 for empty arrays).
 
     Examples
     --------
@@ -67,9 +91,23 @@ def max_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def dtype_error(actual: np.ndarray, expected: np.ndarray, dtype_name: str) -> float:
-    """:func:`max_error` against ``expected`` (float64) rounded to ``dtype_name``, where that
-    rounding overflows (a running variance beyond float32's range, say): there ``actual``
-    must hold the same infinity; elsewhere the float64 values are the yardstick.
+    """:func:`max_error`, where values beyond the dtype's range must be that infinity.
+
+    Where ``expected`` (float64) rounded to ``dtype_name`` overflows (a running variance beyond
+    float32's range, say), ``actual`` must hold the same infinity; elsewhere the float64 values
+    are the yardstick.
+
+    Parameters
+    ----------
+    actual, expected : array_like
+        Values of the same shape; ``expected`` in float64.
+    dtype_name : str
+        The dtype ``actual`` was computed in.
+
+    Returns
+    -------
+    float
+        The error.
 
     Examples
     --------
@@ -87,9 +125,20 @@ def dtype_error(actual: np.ndarray, expected: np.ndarray, dtype_name: str) -> fl
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Largest ``|actual - expected| / |expected|`` over the entries (absolute where expected is
-    0): the yardstick for per-channel statistics, which are not compared normwise. NaN against
-    non-NaN and Inf against another value count as infinite.
+    """Largest ``|actual - expected| / |expected|`` over the entries.
+
+    The yardstick for per-channel statistics, which are not compared normwise: absolute where
+    ``expected`` is 0; NaN against non-NaN and Inf against another value count as infinite.
+
+    Parameters
+    ----------
+    actual, expected : array_like
+        Values of the same shape.
+
+    Returns
+    -------
+    float
+        The error.
 
     Examples
     --------
