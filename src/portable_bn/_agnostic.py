@@ -29,7 +29,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._compat import detach
+from ._compat import detach, device
 from ._recipe import SAMPLE_SIZE, Recipe
 
 if TYPE_CHECKING:
@@ -454,7 +454,7 @@ def train_forward(
     x_compute = _as(xp, x, dtype)
     count = recipe.count_per_channel
     if count == 0:  # an empty batch has no statistics: NaN, and the running ones stay (PyTorch)
-        nan = xp.full((recipe.num_channels,), math.nan, dtype=dtype, device=_device(x))
+        nan = xp.full((recipe.num_channels,), math.nan, dtype=dtype, device=device(x))
         return Result(xp.empty_like(x), running_mean, running_var, nan, nan)
 
     def finish(sums: ShiftedSums, verdict: str | None) -> _TrainVectors:
@@ -540,12 +540,6 @@ def eval_forward(
         else:
             output = prims.affine(x_compute, recipe, None, vectors.mean, vectors.mult, vectors.add)
     return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
-
-
-def _device(x: Any) -> Any:
-    from ._compat import device
-
-    return device(x)
 
 
 # --------------------------------------------------------------------------- backward
@@ -651,7 +645,7 @@ def backward(
     short = prims.eager and shortcuts
     with prims.quiet():
         if recipe.count_per_channel == 0:  # every sum is 0 and the input gradient is empty
-            zeros = xp.zeros((recipe.num_channels,), dtype=param_dtype, device=_device(x))
+            zeros = xp.zeros((recipe.num_channels,), dtype=param_dtype, device=device(x))
             return xp.empty_like(x), zeros, xp.zeros_like(zeros)
         grad_bias, grad_weight = backward_sums(prims, grad, x_compute, mean_c, invstd_c, recipe, uncentred=shortcuts)
         vectors = prims.per_channel(
@@ -681,6 +675,7 @@ def backward(
 
 class _NativeVectors(NamedTuple):
     kept: Any
+    """0-d: the result is kept (every channel passes)."""
     running_mean: Any
     running_var: Any
 
@@ -709,7 +704,7 @@ def _native_train_vectors(
     margin = 1.0 - 8.0 * float(xp.finfo(invstd.dtype).eps)
     share = xp.maximum(margin - eps * inv2, xp.zeros_like(inv2))
     slack = (NATIVE_MEAN_OVER_STD * NATIVE_MEAN_OVER_STD) * share - mean * mean * inv2
-    kept = (slack >= 0.0) & (slack < math.inf) & (invstd > 0.0)
+    kept = xp.all((slack >= 0.0) & (slack < math.inf) & (invstd > 0.0))  # every channel: a host decision
     if running_mean is not None:
         var = xp.maximum(1.0 / inv2 - eps, xp.zeros_like(inv2))
         running_mean, running_var = updated_running_stats(
@@ -748,7 +743,7 @@ def native_train_forward(
         eps=eps,
         skip_nonfinite=skip_nonfinite,
     )
-    if not bool(xp.all(checked.kept)):
+    if not bool(checked.kept):
         return None
     if running_mean is not None:
         running_mean, running_var = checked.running_mean, checked.running_var
@@ -756,12 +751,26 @@ def native_train_forward(
     return Result(output, running_mean, running_var, mean, invstd)
 
 
-def _native_eval_kept(xp: ModuleType, running_mean: Any, running_var: Any, *, eps: float) -> Any:
-    """Per channel: ``|running_mean| <= T * sqrt(running_var)`` (:data:`NATIVE_MEAN_OVER_STD`), in
-    the statistics' dtype (an overflow only fails the test), and ``eps > 0``."""
-    bound = NATIVE_MEAN_OVER_STD * NATIVE_MEAN_OVER_STD
-    slack = running_var * bound - running_mean * running_mean
-    return (slack >= 0.0) & (slack < math.inf) & (eps > 0.0)
+class _NativeEvalVectors(NamedTuple):
+    kept: Any
+    mean: Any
+    invstd: Any
+
+
+def _native_eval_vectors(
+    xp: ModuleType, running_mean: Any, running_var: Any, *, eps: float, dtype: Any, short_form: bool
+) -> _NativeEvalVectors:
+    """The eval statistics (:func:`running_statistics`), and where a kernel that computes
+    ``x * alpha + beta`` (``short_form``) is kept: ``|running_mean| <= T * sqrt(running_var)``
+    (:data:`NATIVE_MEAN_OVER_STD`), in the statistics' dtype (an overflow only fails the test),
+    and ``eps > 0``."""
+    stats = running_statistics(xp, running_mean, running_var, dtype=dtype, eps=eps)
+    kept = None
+    if short_form:  # a host decision, on the smallest slack of all channels (NaN fails it)
+        bound = NATIVE_MEAN_OVER_STD * NATIVE_MEAN_OVER_STD
+        smallest = float(xp.min(running_var * bound - running_mean * running_mean))
+        kept = 0.0 <= smallest < math.inf and eps > 0.0
+    return _NativeEvalVectors(kept, stats.mean, stats.invstd)
 
 
 def native_eval_forward(
@@ -777,16 +786,19 @@ def native_eval_forward(
 ) -> Result | None:
     """Eval by the backend's whole-op kernel (its output only: ``invstd`` is
     :func:`running_statistics`'). A kernel that computes ``x * alpha + beta`` is used only where
-    :func:`_native_eval_kept` holds; None otherwise."""
+    :func:`_native_eval_vectors` keeps it; None otherwise. The per-channel work comes before the
+    kernel, while the caches hold the vectors."""
     xp = prims.xp
-    if native.short_form(x):
-        kept = prims.per_channel(_native_eval_kept, detach(xp, running_mean), detach(xp, running_var), eps=eps)
-        if not bool(xp.all(kept)):
-            return None
+    short_form = native.short_form(x)
+    vectors = prims.per_channel(
+        _native_eval_vectors,
+        detach(xp, running_mean),
+        detach(xp, running_var),
+        eps=eps,
+        dtype=x.dtype,
+        short_form=short_form,
+    )
+    if short_form and not bool(vectors.kept):
+        return None
     output = native.eval(x, running_mean, running_var, weight, bias, eps)
-    stats = prims.per_channel(running_statistics, running_mean, running_var, dtype=x.dtype, eps=eps)
-    return Result(output, running_mean, running_var, stats.mean, stats.invstd)
-
-
-PerChannel = Callable[..., Any]
-"""A function ``fn(xp, *vectors, **options)`` of per-channel arrays, run by ``prims.per_channel``."""
+    return Result(output, running_mean, running_var, vectors.mean, vectors.invstd)
