@@ -168,7 +168,8 @@ def _vector(values: Any, dtype: Any) -> np.ndarray | None:
 def _lean(xp: ModuleType) -> ModuleType:
     """``xp`` (array-api-compat's NumPy namespace) with its reductions taken by the ufuncs'
     ``reduce``: the same results, at about 1 us a call on per-channel vectors where
-    ``np.sum``, ``np.mean`` and ``np.all`` take 2 to 5 (a small call is made of such calls)."""
+    ``np.sum``, ``np.mean`` and ``np.all`` take 2 to 5 (a small call is made of such calls);
+    ``astype``, ``zeros_like`` and ``ones_like`` without array-api-compat's device checks."""
     lean = ModuleType(xp.__name__)
     lean.__dict__.update(vars(xp))
 
@@ -183,6 +184,9 @@ def _lean(xp: ModuleType) -> ModuleType:
     lean.all = lambda x, axis=None: np.logical_and.reduce(x, axis=axis)  # type: ignore[attr-defined]
     lean.any = lambda x, axis=None: np.logical_or.reduce(x, axis=axis)  # type: ignore[attr-defined]
     lean.reshape = lambda x, shape: x.reshape(shape)  # type: ignore[attr-defined]
+    lean.astype = lambda x, dtype, /, *, copy=True, device=None: x.astype(dtype, copy=copy)  # type: ignore[attr-defined]
+    lean.zeros_like = lambda x, /, *, dtype=None, device=None: np.zeros_like(x, dtype=dtype)  # type: ignore[attr-defined]
+    lean.ones_like = lambda x, /, *, dtype=None, device=None: np.ones_like(x, dtype=dtype)  # type: ignore[attr-defined]
     return lean
 
 
