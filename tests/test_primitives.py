@@ -254,3 +254,34 @@ def test_routes_on_eager_arrays():
     finally:
         NumpyPrimitives.branch = original
     assert runs == {"quick": (False,), "mean": (True, False), "prescaled": (True, True)}
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((4, 3, 7), 1), ((5, 3, 4, 6), -1), *((s, 1) for s in LARGE_SHAPES[:1])])
+def test_traced_jax_primitives_equal_the_pure_ones(vcombo, shape, axis):
+    """Under ``jax.jit`` JAX's primitives take other forms (a ``lax.cond`` between the sums of
+    ``x`` and of ``x - shift``, GPU orders): the same sums as the pure ones, for a shift of
+    zeros, a shift that is zero in some channels only, and a scale."""
+    if vcombo.backend not in ("jax", "jax_x32", "jax_gpu"):
+        pytest.skip("traced primitives: JAX only")
+    _full(vcombo)
+    import jax
+
+    x, xp, recipe, prims, pure = _setup(vcombo, shape, axis, seed=5)
+    scale, shift, _, _ = _vectors(vcombo, recipe, 6)
+    partly = xp.where(xp.arange(recipe.num_channels) % 2 == 0, shift, xp.zeros_like(shift))
+    host = np.asarray(vcombo.to_numpy(x), dtype=np.float64)
+    for s, k in ((None, xp.zeros_like(shift)), (None, partly), (None, shift), (scale, shift)):
+        got = jax.jit(lambda x, s, k: prims.shifted_sums(x, recipe, s, k))(x, s, k)
+        want = pure.shifted_sums(x, recipe, s, k)
+        terms = host if s is None else host * np.reshape(vcombo.to_numpy(s), recipe.param_shape)
+        terms = terms - np.reshape(vcombo.to_numpy(k), recipe.param_shape)
+        size = np.sum(np.abs(np.moveaxis(terms, axis, 0).reshape(recipe.num_channels, -1)), axis=1)
+        _sums_close(vcombo.to_numpy(got[0]), vcombo.to_numpy(want[0]), size, vcombo.dtype_name, "sum")
+        _sums_close(
+            vcombo.to_numpy(got[1]), vcombo.to_numpy(want[1]), size * np.abs(terms).max(), vcombo.dtype_name, "squares"
+        )
+    shrink = 2.0 ** -(recipe.count_per_channel - 1).bit_length()
+    got = jax.jit(lambda x: prims.first_pass(x, recipe, shrink))(x)
+    want = pure.first_pass(x, recipe, shrink)
+    for what, g, w in zip(("min", "max"), got[:2], want[:2], strict=True):
+        np.testing.assert_array_equal(vcombo.to_numpy(g), vcombo.to_numpy(w), err_msg=what)

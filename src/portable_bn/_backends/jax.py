@@ -147,12 +147,28 @@ class JaxPrimitives(Primitives):
 
     def shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
         if not batch_first_layout(tuple(x.shape), recipe):
-            return super().shifted_sums(x, recipe, scale, shift)
+            return _per_platform(
+                x,
+                cpu=lambda: self._cpu_shifted_sums(x, recipe, scale, shift),
+                default=lambda: super(JaxPrimitives, self).shifted_sums(x, recipe, scale, shift),
+            )
         values = self._centred(x, recipe, scale, shift)
         return _per_platform(
             x,
-            cpu=lambda: super(JaxPrimitives, self).shifted_sums(x, recipe, scale, shift),
+            cpu=lambda: self._cpu_shifted_sums(x, recipe, scale, shift),
             default=lambda: _batch_first(self.xp, (values, values * values), (self.xp.sum, self.xp.sum), recipe),
+        )
+
+    def _cpu_shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
+        """The pure sums; under a trace, of ``x`` itself where every channel's shift is 0 (no
+        scale), chosen by ``lax.cond``: the same sums (``x - 0`` is ``x``), but XLA on the CPU
+        reduces ``x`` in place where the centred values, shared by two reductions, are stored
+        and read back (measured 1.5 to 2 x the time of the two sums of ``x``)."""
+        pure = super().shifted_sums
+        if scale is not None or shift is None or not isinstance(x, jax.core.Tracer):
+            return pure(x, recipe, scale, shift)
+        return jax.lax.cond(
+            self.xp.all(shift == 0), lambda: pure(x, recipe, None, None), lambda: pure(x, recipe, None, shift)
         )
 
 
