@@ -3,8 +3,9 @@ and the per-channel arithmetic compiled into one kernel.
 
 Why: CuPy runs each array operation as a kernel launch of about 7 us of Python and driver
 time, and the pure primitives with the shared per-channel arithmetic are some sixty of them
-(H100: 0.7 to 1.4 ms a training call, 5 to 30 x cuDNN). Here a training call is five
-launches, an eval call two, a backward three:
+(H100: 0.7 to 1.4 ms a training call, 5 to 30 x cuDNN). Here a training call is seven
+launches (pass 1 and its combine, the scale and shift, the sums and their combine, the
+per-channel vectors, the output), an eval call two, a backward four:
 
 - reductions (:meth:`CupyPrimitives.first_pass`, ``shifted_sums``, ``product_sums``): each
   block of a kernel reduces one slice of one channel of the input, viewed as ``(N, C, L)``,
