@@ -146,18 +146,13 @@ class JaxPrimitives(Primitives):
         )
 
     def shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
-        if not batch_first_layout(tuple(x.shape), recipe):
-            return _per_platform(
-                x,
-                cpu=lambda: self._cpu_shifted_sums(x, recipe, scale, shift),
-                default=lambda: super(JaxPrimitives, self).shifted_sums(x, recipe, scale, shift),
-            )
-        values = self._centred(x, recipe, scale, shift)
-        return _per_platform(
-            x,
-            cpu=lambda: self._cpu_shifted_sums(x, recipe, scale, shift),
-            default=lambda: _batch_first(self.xp, (values, values * values), (self.xp.sum, self.xp.sum), recipe),
-        )
+        def on_gpu() -> tuple[Any, Any]:
+            if not batch_first_layout(tuple(x.shape), recipe):
+                return super(JaxPrimitives, self).shifted_sums(x, recipe, scale, shift)
+            values = self._centred(x, recipe, scale, shift)
+            return _batch_first(self.xp, (values, values * values), (self.xp.sum, self.xp.sum), recipe)
+
+        return _per_platform(x, cpu=lambda: self._cpu_shifted_sums(x, recipe, scale, shift), default=on_gpu)
 
     def _cpu_shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any) -> tuple[Any, Any]:
         """The pure sums; under a trace, of ``x`` itself where every channel's shift is 0 (no
