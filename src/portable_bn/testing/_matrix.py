@@ -15,8 +15,156 @@ import numpy as np
 
 from .._compat import to_numpy
 
-CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask")
-GPU_BACKENDS = ("cupy", "torch_gpu", "jax_gpu")
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device of a backend row: its label, and whether arrays there hold values."""
+
+    label: str
+    values: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A library-specific capability and the test that proves it (``path::test_name``)."""
+
+    what: str
+    test: str
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One row of the backend table: what the conformance suite runs for a backend name.
+
+    Every combination of :attr:`devices` and :attr:`dtypes` runs every conformance scenario
+    (values compared with the float64 reference; on a device without values, the library,
+    device, dtype and shape of every result); :attr:`features` are what the library-specific
+    tests prove on top.
+    """
+
+    name: str
+    library: str
+    install: str
+    devices: tuple[DeviceSpec, ...]
+    dtypes: tuple[str, ...]
+    gpu: bool = False
+    gradients: str = "batch_norm_backward, module.backward()"
+    features: tuple[Feature, ...] = ()
+
+
+_HALF = ("float16", "bfloat16", "float32", "float64")
+_NO_BFLOAT = ("float16", "float32", "float64")
+_TORCH_FEATURES = (
+    Feature(
+        "autograd through batch_norm and the modules",
+        "tests/test_torch_oracle.py::test_module_autograd_over_steps_matches_torch",
+    ),
+    Feature(
+        "PyTorch's own kernels behind the same functions",
+        "tests/test_torch_native.py::test_native_path_equals_the_pure_primitives",
+    ),
+)
+_JAX_FEATURES = (
+    Feature("jax.jit", "tests/test_jax.py::test_jit_matches_reference"),
+    Feature("jax.grad", "tests/test_jax.py::test_grad_through_batch_norm_matches_analytic_backward"),
+    Feature("jax.vmap", "tests/test_gradients.py::test_jax_vmap_over_independent_batches"),
+)
+
+BACKEND_TABLE: tuple[BackendSpec, ...] = (
+    BackendSpec(
+        "numpy",
+        "NumPy",
+        "(always installed)",
+        (DeviceSpec("cpu"),),
+        _NO_BFLOAT,
+        features=(Feature("read-only arrays", "tests/test_conformance.py::test_read_only_numpy_arrays"),),
+    ),
+    BackendSpec(
+        "array_api_strict",
+        "array-api-strict",
+        "pip install 'portable_bn[strict]'",
+        (DeviceSpec("CPU_DEVICE"), DeviceSpec("device1", note="a second, virtual device")),
+        ("float32", "float64"),
+    ),
+    BackendSpec(
+        "torch",
+        "PyTorch",
+        "pip install 'portable_bn[torch]'",
+        (DeviceSpec("cpu"), DeviceSpec("meta", values=False, note="no data: library, device, dtype and shape")),
+        _HALF,
+        gradients="autograd; batch_norm_backward, module.backward()",
+        features=_TORCH_FEATURES,
+    ),
+    BackendSpec(
+        "jax",
+        "JAX, 64-bit types enabled",
+        "pip install 'portable_bn[jax]'",
+        (DeviceSpec("cpu:0"),),
+        _HALF,
+        gradients="jax.grad; batch_norm_backward, module.backward()",
+        features=_JAX_FEATURES,
+    ),
+    BackendSpec(
+        "jax_x32",
+        "JAX, default configuration",
+        "pip install 'portable_bn[jax]'",
+        (DeviceSpec("cpu:0"),),
+        ("float16", "bfloat16", "float32"),
+    ),
+    BackendSpec(
+        "dask",
+        "Dask (two chunks along the batch)",
+        "pip install 'portable_bn[dask]'",
+        (DeviceSpec("cpu"),),
+        _NO_BFLOAT,
+        features=(
+            Feature("stays lazy: no call computes", "tests/test_dask.py::test_nothing_computes"),
+            Feature(
+                "unknown chunk sizes: a clear error", "tests/test_dask.py::test_unknown_chunk_sizes_are_a_clear_error"
+            ),
+        ),
+    ),
+    BackendSpec(
+        "cupy",
+        "CuPy",
+        "pip install cupy-cuda12x",
+        (DeviceSpec("cuda:0"),),
+        _NO_BFLOAT,
+        gpu=True,
+        features=(
+            Feature("CUDA kernels", "tests/test_cupy.py::test_kernels_equal_the_pure_primitives_and_the_reference"),
+        ),
+    ),
+    BackendSpec(
+        "torch_gpu",
+        "PyTorch",
+        "pip install torch (a CUDA build)",
+        (DeviceSpec("cuda"),),
+        _HALF,
+        gpu=True,
+        gradients="autograd; batch_norm_backward, module.backward()",
+        features=(
+            *_TORCH_FEATURES,
+            Feature("CUDA graph capture", "tests/test_torch_native.py::test_cuda_graph_capture"),
+        ),
+    ),
+    BackendSpec(
+        "jax_gpu",
+        "JAX, 64-bit types enabled",
+        "pip install 'jax[cuda12]'",
+        (DeviceSpec("cuda:0"),),
+        _HALF,
+        gpu=True,
+        gradients="jax.grad; batch_norm_backward, module.backward()",
+        features=_JAX_FEATURES,
+    ),
+)
+"""The backends the conformance suite knows, in the order ``check`` and the docs list them."""
+
+SPECS = {spec.name: spec for spec in BACKEND_TABLE}
+CPU_BACKENDS = tuple(spec.name for spec in BACKEND_TABLE if not spec.gpu)
+GPU_BACKENDS = tuple(spec.name for spec in BACKEND_TABLE if spec.gpu)
 ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 
 
@@ -64,7 +212,10 @@ class Combination:
         """The device as a short name: ``cpu``, ``meta``, ``cuda``, ``cuda:0``, ``device1``."""
         if self.backend == "cupy":  # a cupy.cuda.Device, whose str is "<CUDA Device 0>"
             return f"cuda:{self.device.id}"
-        return str(self.device).replace("array_api_strict.", "")
+        text = str(self.device)
+        if text.startswith("array_api_strict.Device("):  # array_api_strict.Device('device1')
+            return text.split("'")[1]
+        return text
 
     @property
     def id(self) -> str:
@@ -213,6 +364,12 @@ _jax_x64: list[bool] = []
 """The 64-bit setting this process gave JAX (it is process-wide): set once, by the first JAX backend asked for."""
 
 
+def needs_own_process(backend: str) -> bool:
+    """True for a JAX backend whose 64-bit setting differs from the one this process has already
+    given JAX (the setting is process-wide)."""
+    return backend in ("jax", "jax_x32", "jax_gpu") and bool(_jax_x64) and _jax_x64[0] != (backend != "jax_x32")
+
+
 def _jax_precision(backend: str, jax: Any) -> None:
     """``jax`` and ``jax_gpu`` run with 64-bit types enabled (float64 and int64, as the other
     libraries); ``jax_x32`` in JAX's default configuration (float32 at most, int32 counters).
@@ -228,48 +385,42 @@ def _jax_precision(backend: str, jax: Any) -> None:
         )
 
 
-def _combinations(backend: str) -> Iterator[Combination]:
+def _devices(backend: str) -> tuple[Any, list[Any], bool]:
+    """The library module, the device objects of the table's devices (in order), and laziness."""
     if backend == "numpy":
-        for name in ("float16", "float32", "float64"):
-            yield Combination(backend, np, "cpu", name, values=True)
-    elif backend == "array_api_strict":
+        return np, ["cpu"], False
+    if backend == "array_api_strict":
         xp = importlib.import_module("array_api_strict")
-        for dev in (xp.Device("CPU_DEVICE"), xp.Device("device1")):
-            for name in ("float32", "float64"):
-                yield Combination(backend, xp, dev, name, values=True)
-    elif backend in ("torch", "torch_gpu"):
+        return xp, [xp.Device("CPU_DEVICE"), xp.Device("device1")], False
+    if backend in ("torch", "torch_gpu"):
         torch = importlib.import_module("torch")
         if backend == "torch":
-            devices = [("cpu", True), ("meta", False)]
-        else:
-            if not torch.cuda.is_available():
-                raise BackendUnavailable("torch_gpu: torch is installed but sees no CUDA device")
-            devices = [("cuda", True)]
-        for dev, values in devices:
-            for name in ("float16", "bfloat16", "float32", "float64"):
-                yield Combination(backend, torch, dev, name, values=values)
-    elif backend in ("jax", "jax_x32", "jax_gpu"):
+            return torch, ["cpu", "meta"], False
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("torch_gpu: torch is installed but sees no CUDA device")
+        return torch, ["cuda"], False
+    if backend in ("jax", "jax_x32", "jax_gpu"):
         jax = importlib.import_module("jax")
         _jax_precision(backend, jax)
-        jnp = importlib.import_module("jax.numpy")
         platform = "gpu" if backend == "jax_gpu" else "cpu"
         try:
             devices = jax.devices(platform)
         except RuntimeError:
             raise BackendUnavailable(f"{backend}: JAX sees no {platform} device") from None
-        names = ("float16", "bfloat16", "float32") + (() if backend == "jax_x32" else ("float64",))
-        for dev in devices[:1]:
-            for name in names:
-                yield Combination(backend, jnp, dev, name, values=True)
-    elif backend == "dask":
-        da = importlib.import_module("dask.array")
-        for name in ("float16", "float32", "float64"):
-            yield Combination(backend, da, "cpu", name, values=True, lazy=True)
-    elif backend == "cupy":
-        cp = importlib.import_module("cupy")
-        if cupy_device_count(cp) == 0:
-            raise BackendUnavailable("cupy: installed but no CUDA device")
-        # CuPy names devices by cupy.cuda.Device (array-api-compat's creation
-        # functions reject the string "cuda").
-        for name in ("float16", "float32", "float64"):
-            yield Combination(backend, cp, cp.cuda.Device(0), name, values=True)
+        return importlib.import_module("jax.numpy"), devices[:1], False
+    if backend == "dask":
+        return importlib.import_module("dask.array"), ["cpu"], True
+    cp = importlib.import_module("cupy")
+    if cupy_device_count(cp) == 0:
+        raise BackendUnavailable("cupy: installed but no CUDA device")
+    # CuPy names devices by cupy.cuda.Device (array-api-compat's creation
+    # functions reject the string "cuda").
+    return cp, [cp.cuda.Device(0)], False
+
+
+def _combinations(backend: str) -> Iterator[Combination]:
+    spec = SPECS[backend]
+    library, devices, lazy = _devices(backend)
+    for dev, dev_spec in zip(devices, spec.devices, strict=True):
+        for name in spec.dtypes:
+            yield Combination(backend, library, dev, name, values=dev_spec.values, lazy=lazy)
