@@ -5,10 +5,12 @@ Speed itself is never asserted here: the numbers depend on the machine.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,15 +20,47 @@ from portable_bn.__main__ import main
 from portable_bn.testing import max_error, reference_backward, reference_batch_norm, tolerance
 
 
-def test_quick_numpy_run_writes_rows_for_every_case(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--backend", "numpy", "--repeats", "3", "--json", str(path)]) == 0
-    captured = capsys.readouterr()
-    assert "[6/6] numpy float32 (32,64,56,56) backward ..." in captured.err
-    assert "ours ms" in captured.out and "targets" in captured.out
+def _row(**changes):
+    """A NumPy row with made-up numbers, fields changed by keyword."""
+    values = dict(
+        backend="numpy",
+        device="cpu",
+        dtype="float32",
+        shape=(2, 4, 3, 3),
+        case="train",
+        ours_ms=1.0,
+        baseline="naive",
+        baseline_ms=0.5,
+        ratio=2.0,
+        overhead_us=500.0,
+        copy_ms=0.1,
+        copies=10.0,
+        memory_ratio=None,
+        naive_memory_ratio=None,
+        repeats=3,
+        loops=(1, 1, 1),
+    )
+    values.update(changes)
+    return bench_module.Row(**values)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick NumPy run through the command line: (exit status, stdout, stderr, JSON path)."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    out, err = io.StringIO(), io.StringIO()
+    status = bench_module.bench(backends=["numpy"], quick=True, repeats=3, json_path=str(path), out=out, err=err)
+    return status, out.getvalue(), err.getvalue(), path
+
+
+def test_quick_numpy_run_writes_rows_for_every_case(quick_run):
+    status, _, err, path = quick_run
+    assert status == 0
+    assert "[6/6] numpy float32 (32,64,56,56) backward ..." in err
 
     document = json.loads(path.read_text())
     assert {"cpu", "cores", "numpy", "torch", "jax", "openblas_coretype"} <= document["machine"].keys()
+    assert "targets" not in document
     rows = document["rows"]
     assert {(tuple(r["shape"]), r["case"]) for r in rows} == {
         (shape, case) for shape in bench_module.QUICK_SHAPES for case in ("train", "eval", "backward")
@@ -40,7 +74,96 @@ def test_quick_numpy_run_writes_rows_for_every_case(tmp_path, capsys):
             assert math.isfinite(row["memory_ratio"]) and row["memory_ratio"] > 0, row
         else:
             assert row["memory_ratio"] is None
-    assert {t["key"] for t in document["targets"]} == {t.key for t in bench_module.TARGETS}
+
+
+def test_output_explains_every_column_and_reports_no_goals(quick_run):
+    _, out, _, _ = quick_run
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("backend "))
+    columns = [c for c in bench_module.COLUMNS if c.header in header]
+    assert [c.header for c in columns] == [c.header for c in bench_module.COLUMNS]  # NumPy fills every column
+    legend = lines[lines.index("columns:") :]
+    for column in columns:
+        assert any(line.strip().startswith(f"{column.header}  ") for line in legend), column.header
+    assert any("naive" in line and "textbook" in line for line in legend)
+    assert any(line.startswith("summary: ours/base") for line in lines)
+    summary = lines[next(i for i, line in enumerate(lines) if line.startswith("summary:")) :]
+    assert summary[1].split()[:6] == ["numpy", "vs", "naive", "under", "4096", "elements:"]
+    assert summary[2].split()[:4] == ["2**20", "elements", "or", "more:"]
+    for word in ("target", "NOT MET", " met", "``"):
+        assert word not in out, word
+
+
+def test_small_inputs_alone_show_the_difference_in_microseconds():
+    def row(shape, overhead):
+        return _row(shape=shape, overhead_us=overhead)
+
+    lines = bench_module.table_lines([row((2, 4, 3, 3), 12.5), row((32, 64, 56, 56), -30546.5)])
+    assert "12.5" in lines[2] and "-30546.5" not in lines[3]
+
+
+def test_a_skipped_backend_is_reported_once(monkeypatch):
+    real = bench_module.load_backend
+
+    def load(name):
+        if name == "cupy":
+            raise bench_module.BackendUnavailable("cupy: not installed: test")
+        return real(name)
+
+    monkeypatch.setattr(bench_module, "load_backend", load)
+    out, err = io.StringIO(), io.StringIO()
+    status = bench_module.bench(
+        backends=["numpy", "cupy"], shapes=[(2, 4, 3, 3)], quick=True, repeats=1, out=out, err=err
+    )
+    assert status == 0
+    both = out.getvalue() + err.getvalue()
+    assert both.count("cupy") == 1
+    assert "not measured: cupy (not installed: test)" in out.getvalue().splitlines()[:5]
+
+
+def test_no_loadable_backend_says_why_once(monkeypatch):
+    def load(name):
+        raise bench_module.BackendUnavailable(f"{name}: not installed: test")
+
+    monkeypatch.setattr(bench_module, "load_backend", load)
+    out, err = io.StringIO(), io.StringIO()
+    assert bench_module.bench(backends=["cupy"], quick=True, out=out, err=err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().splitlines() == ["not measured: cupy (not installed: test)", "error: no backend to benchmark"]
+
+
+def test_rows_read_back_from_the_json_are_the_rows_printed(quick_run):
+    _, out, _, path = quick_run
+    rows = bench_module.load_rows(path)
+    assert len(rows) == 6 and all(isinstance(r, bench_module.Row) for r in rows)
+    assert all(isinstance(r.shape, tuple) and isinstance(r.loops, tuple) for r in rows)
+    assert bench_module.table_lines(rows) == out.splitlines()[4 : 4 + 2 + len(rows)]
+    assert bench_module.load_rows(json.loads(path.read_text())) == rows
+    assert bench_module.load_rows(str(path)) == rows
+
+
+def test_load_rows_round_trip():
+    rows = [
+        _row(case="eval", other_load=0.25),
+        _row(backend="torch", baseline="autograd", case="backward", copy_ms=None, copies=None, loops=(3, 4)),
+    ]
+    document = {"rows": [dict(asdict(r), unknown="ignored") for r in rows], "skipped": []}
+    text = json.dumps(document)  # tuples become lists, as in a written file
+    assert bench_module.load_rows(json.loads(text)) == rows
+
+
+def test_summary_gives_ranges_per_backend_baseline_and_size():
+    rows = [
+        _row(shape=(2, 4, 3, 3), case="train", ratio=1.8),
+        _row(shape=(2, 4, 3, 3), dtype="float64", case="train", ratio=2.04),
+        _row(shape=(32, 64, 56, 56), case="train", ratio=0.37),
+        _row(shape=(32, 64, 56, 56), case="eval", ratio=0.45),
+        _row(backend="torch", baseline="autograd", shape=(32, 64, 56, 56), case="backward", ratio=0.004),
+    ]
+    lines = bench_module.summary_lines(rows)
+    assert lines[1].split() == ["numpy", "vs", "naive", "under", "4096", "elements:", "train", "1.80-2.04"]
+    assert lines[2].split() == ["2**20", "elements", "or", "more:", "train", "0.37,", "eval", "0.45"]
+    assert lines[3].split()[-2:] == ["backward", "0.004"]
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -81,33 +204,6 @@ def test_peak_extra_bytes_sees_numpy_allocations():
     assert x.nbytes <= extra <= 3 * x.nbytes
 
 
-def test_targets_report_worst_case():
-    def row(case, copies):
-        return bench_module.Row(
-            "numpy",
-            "cpu",
-            "float32",
-            (32, 64, 56, 56),
-            case,
-            1.0,
-            "naive",
-            1.0,
-            1.0,
-            0.0,
-            0.5,
-            copies,
-            None,
-            None,
-            3,
-            (1, 1, 1),
-        )
-
-    targets = {t["key"]: t for t in bench_module.evaluate_targets([row("train", 2.5), row("eval", 1.7)])}
-    assert targets["numpy-train-copies"]["met"] is True
-    assert targets["numpy-eval-copies"]["met"] is False and targets["numpy-eval-copies"]["worst"] == 1.7
-    assert targets["torch-native"]["met"] is None and targets["torch-native"]["measured"] == 0
-
-
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(bench_module, "have_matplotlib", lambda: False)
     assert main(["bench", "--quick", "--backend", "numpy", "--plot", "out.png"]) == 2
@@ -121,30 +217,31 @@ def test_output_in_a_missing_directory_is_refused_before_running(tmp_path, capsy
 
 def test_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [
-        bench_module.Row(
-            "numpy",
-            "cpu",
-            "float32",
-            (2, 4, 3, 3),
-            case,
-            1.0,
-            "naive",
-            0.5,
-            2.0,
-            500.0,
-            0.1,
-            10.0,
-            None,
-            None,
-            3,
-            (1, 1, 1),
-        )
-        for case in bench_module.CASES
-    ]
+    rows = [_row(case=case, ratio=2.0, copies=10.0) for case in bench_module.CASES]
+    rows += [_row(backend="torch", baseline="F.batch_norm", case=case, copies=None) for case in ("train", "eval")]
+    rows.append(_row(backend="torch", baseline="autograd", case="backward", copies=None))
     path = tmp_path / "bench.png"
     bench_module.write_plot(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_from_rows_read_back(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    bench_module.write_plot(bench_module.load_rows(quick_run[3]), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_panel_titles_name_backend_and_baseline():
+    torch_rows = [
+        _row(backend="torch", baseline="F.batch_norm", case="train"),
+        _row(backend="torch", baseline="autograd", case="backward"),
+    ]
+    assert bench_module._panel_title("numpy", "ratio", [_row()]) == "numpy: our time / naive NumPy"
+    assert bench_module._panel_title("numpy", "copies", [_row()]) == "numpy: our time / time of an array copy"
+    assert bench_module._panel_title("torch", "ratio", torch_rows) == (
+        "torch: our time / torch F.batch_norm (train), torch autograd (backward)"
+    )
 
 
 @pytest.mark.parametrize("text", ["32,x", "5", "0,3", "1,4"])

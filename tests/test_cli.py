@@ -6,6 +6,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 import portable_bn._check as check_module
 from portable_bn.__main__ import main
 
@@ -58,3 +60,65 @@ def test_accuracy_command_prints_a_table(capsys):
     assert lines[0].split()[:2] == ["implementation", "dtype"]
     assert any(line.startswith("portable_bn numpy") and "float32" in line for line in lines)
     assert lines[-1].startswith("normwise error")
+
+
+def _help(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [(), ("check",), ("accuracy",), ("bench",)])
+def test_help_is_plain_words(capsys, command):
+    text = _help(capsys, *command)
+    assert text.startswith(" ".join(["usage: python -m portable_bn", *command, "[-h]"]))
+    for markup in ("``", ":func:", ":mod:", ":data:", ":doc:"):
+        assert markup not in text, markup
+
+
+def test_top_level_help_names_the_commands_with_examples(capsys):
+    text = _help(capsys)
+    assert "PyTorch-exact batch normalization" in text
+    for command in ("check", "accuracy", "bench"):
+        assert any(line.split()[:1] == [command] and len(line.split()) > 3 for line in text.splitlines()), command
+    assert "examples:" in text and "python -m portable_bn check --backend numpy" in text
+
+
+@pytest.mark.parametrize("command", ["check", "accuracy", "bench"])
+def test_commands_describe_what_they_do_and_their_exit_status(capsys, command):
+    text = _help(capsys, command)
+    description = text.split("\n\n")[1]  # the paragraph under the usage line
+    assert len(description.split()) > 20, description
+    assert "Exit status:" in text
+
+
+def test_check_help_states_the_exit_status_the_command_returns(capsys):
+    text = " ".join(_help(capsys, "check").split())
+    assert "Exit status: 0 if every comparison passed" in text and "1 if any failed" in text
+    assert '"all passed" or "FAILED"' in text
+
+
+def test_module_help_runs_as_a_program():
+    done = subprocess.run([sys.executable, "-m", "portable_bn", "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m portable_bn")
+    assert "``" not in done.stdout and "Command line." not in done.stdout
+
+
+def test_a_backend_that_needs_its_own_process_is_checked_in_one(monkeypatch):
+    """JAX's 64-bit setting is per process: such a backend's rows come from a child ``check``."""
+
+    def unavailable(name):
+        raise check_module._backends.BackendUnavailable(f"{name}: this process has another setting (test)")
+
+    monkeypatch.setattr(check_module._backends, "combinations", unavailable)
+    monkeypatch.setattr(check_module._backends, "needs_own_process", lambda name: True)
+    out = io.StringIO()
+    assert check_module.check(["numpy"], out=out) == 0  # the child imports the real table
+    rows = [line.split() for line in out.getvalue().splitlines() if line.startswith("numpy")]
+    assert [(row[1], row[2], row[-1]) for row in rows] == [
+        ("cpu", "float16", "PASS"),
+        ("cpu", "float32", "PASS"),
+        ("cpu", "float64", "PASS"),
+    ]

@@ -1,13 +1,7 @@
-"""Command line.
+"""Command line: ``python -m portable_bn {check,accuracy,bench}``.
 
-``python -m portable_bn check [--backend NAME ...]``: every installed backend
-against the float64 reference of PyTorch's rules.
-
-``python -m portable_bn accuracy``: errors on hard data, ours beside PyTorch's.
-
-``python -m portable_bn bench [--quick] [--backend NAME ...] [--shape N,C,...]
-[--dtype NAME ...] [--repeats N] [--json PATH] [--plot PATH]``: speed and
-memory as ratios to baselines measured in the same process.
+The texts shown by ``--help`` are plain words (argparse prints them as they are), kept in
+the constants below; the work is done by :mod:`._check`, :mod:`._accuracy` and :mod:`._bench`.
 """
 
 from __future__ import annotations
@@ -18,6 +12,86 @@ import sys
 from . import _bench
 from .testing import _matrix as _backends
 
+DESCRIPTION = """\
+portable_bn: PyTorch-exact batch normalization written once against the Python
+array API standard, for NumPy, PyTorch, JAX, CuPy, Dask and array-api-strict.
+
+commands:
+  check     Compare every installed backend with a float64 reference that
+            follows PyTorch's rules, and fail if any result is out of
+            tolerance.
+  accuracy  Print the error of the training output on data that breaks naive
+            implementations, ours beside PyTorch's.
+  bench     Time batch_norm and batch_norm_backward against baselines run in
+            the same process, and print the ratios."""
+
+EPILOG = """\
+examples:
+  python -m portable_bn check
+  python -m portable_bn check --backend numpy --backend torch
+  python -m portable_bn bench --quick --backend numpy
+
+Run python -m portable_bn COMMAND --help for the options of a command."""
+
+CHECK_DESCRIPTION = """\
+Compare portable_bn with a float64 reference implementation of PyTorch's
+batch-norm rules, on every installed backend, device and dtype (float16,
+bfloat16, float32, float64 where the library has them). It runs the
+comparisons of the test suite: BatchNorm1d/2d/3d through a series of training
+and eval calls (with momentum 0.1 and None, without affine parameters and
+running statistics, channels last); batch_norm and batch_norm_backward in
+training and eval on small and large inputs; and training calls on data that
+breaks naive implementations (large offsets, huge magnitudes, constant
+channels). Every output, running statistic and gradient is compared, each
+against a tolerance that depends on its dtype.
+
+Prints one row per backend, device and dtype: the comparison that came
+closest to its tolerance, its error, the tolerance, and PASS or FAIL (with
+the comparisons that failed). Backends that are not installed, and GPU
+backends without a GPU, are listed as skipped. The last line is "all passed"
+or "FAILED".
+
+Exit status: 0 if every comparison passed (skipped backends do not count),
+1 if any failed or raised an exception."""
+
+CHECK_EPILOG = """\
+examples:
+  python -m portable_bn check
+  python -m portable_bn check --backend numpy --backend jax"""
+
+ACCURACY_DESCRIPTION = """\
+Measure how accurate the training-mode output of batch_norm is on data that
+breaks naive implementations: large offsets, tiny variances, magnitudes whose
+squares overflow float32, values near the largest float32, constant channels.
+For every installed backend and dtype, and for PyTorch's own
+torch.nn.functional.batch_norm on the CPU where torch is installed, the output
+is compared with the exact result computed in float64.
+
+Prints a table: one row per implementation and dtype, one column per data
+set, each cell the normwise error max|y - y64| / max(1, max|y64|), where y64
+is the float64 result ("-" where the dtype cannot hold the data).
+
+Exit status: always 0; this command reports, it does not judge."""
+
+BENCH_DESCRIPTION = """\
+Time batch_norm (training and eval forward) and batch_norm_backward on every
+installed backend, against baselines run in the same process on the same
+data: the textbook implementation in the same library (NumPy, CuPy, JAX under
+jit), PyTorch's own F.batch_norm and autograd (PyTorch, and CuPy where torch
+sees a GPU), and for NumPy and CuPy a plain copy of the input. Calls are
+timed in turn and each time is the median of several samples.
+
+Prints the machine and library versions, the backends that were not measured
+and why, a table with a legend of its columns, and a short summary of the
+ratios. Progress goes to standard error. Exit status: 0 when it ran, 1 if no
+backend could be loaded, 2 for a bad option."""
+
+BENCH_EPILOG = """\
+examples:
+  python -m portable_bn bench --quick
+  python -m portable_bn bench --backend numpy --shape 32,64,56,56 --dtype float32
+  python -m portable_bn bench --json bench.json --plot bench.png"""
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -26,31 +100,51 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    plain = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="python -m portable_bn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m portable_bn",
+        usage="%(prog)s [-h] COMMAND [OPTIONS]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=plain,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    # The commands are listed in DESCRIPTION, one sentence each, rather than by argparse.
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog=parser.prog
+    )
     check = commands.add_parser(
-        "check", help="compare every installed backend and device with the float64 reference of PyTorch's rules"
+        "check",
+        description=CHECK_DESCRIPTION,
+        epilog=CHECK_EPILOG,
+        formatter_class=plain,
     )
     check.add_argument(
         "--backend",
         action="append",
         choices=_backends.ALL_BACKENDS,
-        help="limit to this backend (repeatable); default: all, skipping those not installed",
+        metavar="NAME",
+        help="check only this backend (repeatable): " + ", ".join(_backends.ALL_BACKENDS) + "; default: all, "
+        "skipping those not installed",
+    )
+    commands.add_parser(
+        "accuracy",
+        description=ACCURACY_DESCRIPTION,
+        formatter_class=plain,
     )
     bench = commands.add_parser(
         "bench",
-        help="time every installed backend against its baselines (ratios measured in this process)",
-        description="Speed and memory of batch_norm and batch_norm_backward as ratios to baselines timed in the "
-        "same process, interleaved, medians of repeats (docs: performance).",
+        description=BENCH_DESCRIPTION,
+        epilog=BENCH_EPILOG,
+        formatter_class=plain,
     )
     bench.add_argument(
         "--backend",
         action="append",
         choices=_bench.BACKENDS,
-        help="limit to this backend (repeatable); default: all, skipping those not installed or without a GPU",
+        metavar="NAME",
+        help="time only this backend (repeatable): " + ", ".join(_bench.BACKENDS) + "; default: all, skipping "
+        "those not installed or without a GPU",
     )
     bench.add_argument(
         "--shape",
@@ -60,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         help="input shape, channel axis 1, e.g. 32,64,56,56 (repeatable); default: "
         + " ".join(_bench.shape_text(s) for s in _bench.DEFAULT_SHAPES),
     )
-    bench.add_argument("--dtype", action="append", choices=_bench.DTYPES, help="repeatable; default: all")
+    bench.add_argument(
+        "--dtype",
+        action="append",
+        choices=_bench.DTYPES,
+        metavar="NAME",
+        help="input dtype (repeatable): " + ", ".join(_bench.DTYPES) + "; default: all",
+    )
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="only (2,4,3,3) and (32,64,56,56), float32, 3 repeats, short samples (tests, CI)",
+        help="only (2,4,3,3) and (32,64,56,56), float32, 3 repeats, short samples (seconds, for tests and CI)",
     )
     bench.add_argument(
         "--repeats",
@@ -72,15 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="samples per timing (the median is kept); default: 21 below 2**20 elements, 7 above",
     )
-    bench.add_argument("--json", metavar="PATH", help="also write the rows, targets and machine description as JSON")
+    bench.add_argument("--json", metavar="PATH", help="also write the rows and the machine description as JSON")
     bench.add_argument("--plot", metavar="PATH", help="also draw the ratios into a PNG (needs matplotlib)")
-    commands.add_parser(
-        "accuracy",
-        help="errors on hard data (large offsets, huge magnitudes, constant channels) beside PyTorch's",
-        description="Normwise error of the training output against the float64 truth, per backend and dtype, "
-        "and of torch.nn.functional.batch_norm on the same data where torch is installed.",
-    )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "accuracy":
         from ._accuracy import accuracy
 

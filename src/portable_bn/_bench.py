@@ -10,7 +10,7 @@ sides of a ratio alike; absolute times are printed only to read the ratios.
 Baselines:
 
 - NumPy (and CuPy): a same-size array copy, ``copyto`` into a preallocated
-  array ("copies": the memory-bandwidth floor), and the textbook
+  array (column "ours/copy": the memory-bandwidth floor), and the textbook
   implementation :func:`naive_batch_norm` / :func:`naive_batch_norm_backward`;
 - CuPy, where torch sees a CUDA device: instead of the textbook code, PyTorch
   on the same data and device (cuDNN where PyTorch uses it), as for torch_gpu;
@@ -23,6 +23,14 @@ Baselines:
 
 The peak extra memory of the NumPy training forward is measured with
 :mod:`tracemalloc` (NumPy reports its data buffers to it).
+
+The command prints the machine, the backends not measured and why, a table
+(:func:`table_lines`, one :class:`Row` per line), a legend of its columns
+(:func:`legend_lines`) and the range of the ratios per backend, baseline and
+input size (:func:`summary_lines`). ``--json`` writes the machine, the
+settings, the rows (the fields of :class:`Row`) and the backends not
+measured; :func:`load_rows` reads the rows back, and :func:`write_plot` draws
+measured or loaded rows.
 
 This module imports only NumPy and the standard library; each backend is
 imported when it is benchmarked. The code under test is reached through the
@@ -46,7 +54,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TextIO
 
 import numpy as np
@@ -61,12 +69,10 @@ CASES = ("train", "eval", "backward")
 DEFAULT_SHAPES = ((2, 4, 3, 3), (32, 64, 56, 56), (64, 256, 14, 14), (256, 512, 7, 7), (8, 32, 128, 128))
 QUICK_SHAPES = ((2, 4, 3, 3), (32, 64, 56, 56))
 QUICK_DTYPES = ("float32",)
-RESNET_SHAPES = frozenset({(32, 64, 56, 56), (64, 256, 14, 14), (256, 512, 7, 7)})
-"""ResNet-50 activations (56x56, 14x14 and 7x7 stages): the shapes of the NumPy "copies" targets."""
 SMALL_SIZE = 4096
-"""Inputs with fewer elements are "small calls", where the fixed cost per call dominates."""
+"""Inputs with fewer elements are small: the fixed cost per call dominates their time."""
 LARGE_SIZE = 1 << 20
-"""Inputs with at least this many elements are "large" (the throughput targets)."""
+"""Inputs with at least this many elements are large: memory bandwidth dominates their time."""
 
 MOMENTUM = 0.1
 EPS = 1e-5
@@ -163,14 +169,14 @@ QUICK_WARM_UP_SECONDS = 0.2
 
 
 def warm_up(seconds: float) -> None:
-    """Keep the CPU busy before the first sample: without it the first row of a run
-    came out up to 2x slow on both sides (clock still ramping up, cold caches)."""
+    """Keep the CPU busy before the first sample, so that the first row is not measured
+    with the clock still ramping up and cold caches (up to 2x slow on both sides)."""
     source = np.ones(1 << 20)
-    target = np.empty_like(source)
+    destination = np.empty_like(source)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        np.copyto(target, source)
-        np.add(target, 1.0, out=target)
+        np.copyto(destination, source)
+        np.add(destination, 1.0, out=destination)
 
 
 def interleaved_medians(
@@ -395,7 +401,7 @@ def _torch_contests(torch: Any, device: str) -> ContestMaker:
 
 def _cupy_contests(cp: Any) -> ContestMaker:
     """CuPy: ours against a copy, and against PyTorch's kernels on the same data
-    (cuDNN, the issue's yardstick) where torch sees a CUDA device, else against
+    (cuDNN where PyTorch uses it) where torch sees a CUDA device, else against
     the naive CuPy implementation."""
     cupy_make = _array_module_contests(cp, cp.asarray, cp.cuda.Device().synchronize, memory=False)
     try:
@@ -459,7 +465,8 @@ def _import(module: str, backend: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise BackendUnavailable(f"{backend}: {module} is not installed ({exc})") from None
+        what = "not installed" if module == backend else f"{module} is not installed"
+        raise BackendUnavailable(f"{backend}: {what}: {exc}") from None
 
 
 def load_backend(name: str) -> Backend:
@@ -617,6 +624,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def gpu_name() -> str | None:
+    """The name of the first GPU that a loaded GPU library sees, or None."""
+    torch, cupy, jax = (sys.modules.get(name) for name in ("torch", "cupy", "jax"))
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+        if cupy is not None and cupy_device_count(cupy) > 0:
+            name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+            return name.decode() if isinstance(name, bytes) else str(name)
+        if jax is not None:
+            devices = [d for d in jax.devices() if d.platform == "gpu"]
+            return str(devices[0].device_kind) if devices else None
+    except Exception:  # noqa: BLE001 - a description, never a reason to fail the run
+        return None
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (call after the backends are loaded)."""
     torch = sys.modules.get("torch")
@@ -635,6 +659,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": None if torch is None else torch.get_num_threads(),
         "jax": _version("jax"),
         "cupy": None if cupy is None else cupy.__version__,
+        "gpu": gpu_name(),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "other_load": other_load_now(),
@@ -656,103 +681,50 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
         + ("" if load is None else f"; at start: load average {load[0]:.2f}")
         + ("" if others is None else f", {others:.0%} of the CPUs used by other processes"),
         f"versions: {', '.join(versions)}; OPENBLAS_CORETYPE {'unset' if coretype is None else '=' + coretype}",
+        *([f"GPU: {machine['gpu']}"] if machine.get("gpu") else []),
     ]
 
 
-# -- targets ------------------------------------------------------------------
+def skipped_lines(skipped: Sequence[str]) -> list[str]:
+    """``"not measured: NAME (why)"`` for each ``"NAME: why"``."""
+    lines = []
+    for reason in skipped:
+        name, _, why = reason.partition(": ")
+        lines.append(f"not measured: {name} ({why})" if why else f"not measured: {reason}")
+    return lines
+
+
+# -- reading a JSON document back ---------------------------------------------
+
+
+def load_rows(path_or_document: str | os.PathLike[str] | dict[str, Any]) -> list[Row]:
+    """The rows of a document written by ``python -m portable_bn bench --json PATH``.
+
+    ``path_or_document`` is the file's path or the document already parsed (a dict
+    with a ``"rows"`` list). Shapes and loop counts come back as tuples, so the rows
+    compare equal to the measured ones and :func:`write_plot`, :func:`table_lines` and
+    :func:`summary_lines` accept them. Keys that :class:`Row` does not have are ignored.
+    """
+    if isinstance(path_or_document, dict):
+        document = path_or_document
+    else:
+        with open(path_or_document, encoding="utf-8") as handle:
+            document = json.load(handle)
+    names = {field.name for field in fields(Row)}
+    rows = []
+    for item in document["rows"]:
+        values = {key: value for key, value in item.items() if key in names}
+        values["shape"] = tuple(int(size) for size in values["shape"])
+        values["loops"] = tuple(int(count) for count in values["loops"])
+        rows.append(Row(**values))
+    return rows
+
+
+# -- output -------------------------------------------------------------------
 
 
 def _size(row: Row) -> int:
     return math.prod(row.shape)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal of the project: ``metric`` (a Row field) <= ``limit`` on every row it applies to."""
-
-    key: str
-    description: str
-    metric: str
-    limit: float
-    applies: Callable[[Row], bool]
-
-
-TARGETS = (
-    Target(
-        "numpy-train-copies",
-        "NumPy float32 training forward, ResNet-like shapes (copies)",
-        "copies",
-        3.0,
-        lambda r: r.backend == "numpy" and r.dtype == "float32" and r.case == "train" and r.shape in RESNET_SHAPES,
-    ),
-    Target(
-        "numpy-eval-copies",
-        "NumPy float32 eval forward, ResNet-like shapes (copies)",
-        "copies",
-        1.6,
-        lambda r: r.backend == "numpy" and r.dtype == "float32" and r.case == "eval" and r.shape in RESNET_SHAPES,
-    ),
-    Target(
-        "numpy-backward-copies",
-        "NumPy float32 backward, ResNet-like shapes (copies)",
-        "copies",
-        4.0,
-        lambda r: r.backend == "numpy" and r.dtype == "float32" and r.case == "backward" and r.shape in RESNET_SHAPES,
-    ),
-    Target(
-        "torch-native",
-        "PyTorch, large shapes (x native F.batch_norm / autograd)",
-        "ratio",
-        1.10,
-        lambda r: r.backend in ("torch", "torch_gpu") and _size(r) >= LARGE_SIZE,
-    ),
-    Target(
-        "small-call-overhead",
-        "NumPy small calls (us over naive NumPy)",
-        "overhead_us",
-        30.0,
-        lambda r: r.backend == "numpy" and _size(r) < SMALL_SIZE,
-    ),
-    Target(
-        "numpy-memory",
-        "NumPy training forward, large shapes (peak extra memory / output)",
-        "memory_ratio",
-        1.5,
-        lambda r: r.backend == "numpy" and r.case == "train" and _size(r) >= LARGE_SIZE,
-    ),
-    Target(
-        "jax-jit",
-        "JAX jit, large shapes (x naive jnp under jit)",
-        "ratio",
-        1.10,
-        lambda r: r.backend in ("jax", "jax_gpu") and _size(r) >= LARGE_SIZE,
-    ),
-)
-
-
-def evaluate_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """For each target: the worst measured value, where, how many rows are within, met or not."""
-    results = []
-    for target in TARGETS:
-        measured = [(getattr(r, target.metric), r) for r in rows if target.applies(r)]
-        measured = [(value, r) for value, r in measured if value is not None]
-        result: dict[str, Any] = {"key": target.key, "description": target.description, "limit": target.limit}
-        if not measured:
-            result.update(measured=0, within=0, worst=None, worst_case=None, met=None)
-        else:
-            worst, row = max(measured, key=lambda item: item[0])
-            result.update(
-                measured=len(measured),
-                within=sum(value <= target.limit for value, _ in measured),
-                worst=worst,
-                worst_case=f"{row.backend} {row.dtype} {shape_text(row.shape)} {row.case}",
-                met=worst <= target.limit,
-            )
-        results.append(result)
-    return results
-
-
-# -- output -------------------------------------------------------------------
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -765,123 +737,226 @@ def _number(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def table_lines(rows: Sequence[Row]) -> list[str]:
-    header = (
-        "backend",
-        "dtype",
-        "shape",
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (never a bare 0.00)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the table: its header, its line in the legend and its cell for a row."""
+
+    header: str
+    legend: str
+    cell: Callable[[Row], str]
+    left: bool = False
+
+
+COLUMNS = (
+    Column("backend", "the array library and device, as named by --backend", lambda r: r.backend, True),
+    Column("dtype", "the dtype of the input", lambda r: r.dtype, True),
+    Column("shape", "the shape of the input (N,C,...), channels on axis 1", lambda r: shape_text(r.shape), True),
+    Column(
         "case",
-        "ours ms",
-        "baseline",
-        "base ms",
-        "ours/base",
-        "+us",
+        "train: batch_norm(training=True); eval: batch_norm(training=False); backward: batch_norm_backward",
+        lambda r: r.case,
+        True,
+    ),
+    Column("ours ms", "our time per call in milliseconds (median of the samples)", lambda r: _number(r.ours_ms)),
+    Column("baseline", "what ours is timed against, on the same data:", lambda r: r.baseline, True),
+    Column("base ms", "the baseline's time per call in milliseconds", lambda r: _number(r.baseline_ms)),
+    Column("ours/base", "our time divided by the baseline's; below 1: ours is faster", lambda r: _ratio(r.ratio)),
+    Column(
+        "ours-base us",
+        f"our time minus the baseline's per call in microseconds (negative: ours is faster); "
+        f"the fixed cost that matters for small inputs, shown under {SMALL_SIZE} elements",
+        lambda r: f"{r.overhead_us:.1f}" if _size(r) < SMALL_SIZE else "-",
+    ),
+    Column(
         "copy ms",
-        "copies",
+        "time of copying an array of the input's size and dtype (NumPy, CuPy), in milliseconds",
+        lambda r: _number(r.copy_ms),
+    ),
+    Column(
+        "ours/copy",
+        "our time divided by the copy's; the copy is the memory-bandwidth floor",
+        lambda r: "-" if r.copies is None else _ratio(r.copies),
+    ),
+    Column(
         "mem/out",
-        "others",
-    )
-    cells = [header]
-    for r in rows:
-        cells.append(
-            (
-                r.backend,
-                r.dtype,
-                shape_text(r.shape),
-                r.case,
-                _number(r.ours_ms),
-                r.baseline,
-                _number(r.baseline_ms),
-                f"{r.ratio:.2f}",
-                f"{r.overhead_us:.1f}",
-                _number(r.copy_ms),
-                "-" if r.copies is None else f"{r.copies:.2f}",
-                "-" if r.memory_ratio is None else f"{r.memory_ratio:.2f}",
-                "-" if r.other_load is None else f"{r.other_load:.0%}",
-            )
-        )
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    left = {0, 1, 2, 3, 5}
+        "peak extra memory during our call divided by the size of the output (NumPy, training)",
+        lambda r: "-" if r.memory_ratio is None else f"{r.memory_ratio:.2f}",
+    ),
+    Column(
+        "other CPU",
+        "share of the CPUs other processes used while the row was measured; high values disturb the row",
+        lambda r: "-" if r.other_load is None else f"{r.other_load:.0%}",
+    ),
+)
+"""The table's columns, in order; a column that is "-" in every row is left out."""
+
+BASELINES = {
+    "naive": "the textbook formulas written with the same library (NumPy, CuPy)",
+    "naive jit": "the textbook formulas in jax.numpy, under jax.jit like ours",
+    "F.batch_norm": "torch.nn.functional.batch_norm",
+    "autograd": "torch.autograd.grad through torch.nn.functional.batch_norm",
+    "torch F.batch_norm": "torch.nn.functional.batch_norm on the same CUDA data",
+    "torch autograd": "torch.autograd.grad through torch.nn.functional.batch_norm on the same CUDA data",
+}
+"""What each baseline name of the table is."""
+
+
+def _columns(rows: Sequence[Row]) -> list[Column]:
+    return [c for c in COLUMNS if c.header in {"backend", "baseline"} or any(c.cell(r) != "-" for r in rows)]
+
+
+def table_lines(rows: Sequence[Row]) -> list[str]:
+    """The table: one line per row, aligned, under a header."""
+    if not rows:
+        return []
+    columns = _columns(rows)
+    cells = [tuple(c.header for c in columns), *(tuple(c.cell(r) for c in columns) for r in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = []
-    for row in [cells[0], tuple("-" * w for w in widths), *cells[1:]]:
+    for line in [cells[0], tuple("-" * w for w in widths), *cells[1:]]:
         parts = [
-            cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            cell.ljust(w) if column.left else cell.rjust(w)
+            for cell, w, column in zip(line, widths, columns, strict=True)
         ]
         lines.append("  ".join(parts).rstrip())
     return lines
 
 
-def target_lines(targets: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["targets (worst measured case):"]
-    width = max(len(t["description"]) for t in targets)
-    for t in targets:
-        head = f"  {t['description'].ljust(width)}  <= {t['limit']!s:<5}"
-        if t["met"] is None:
-            lines.append(f"{head}  not measured")
-        else:
-            status = "met" if t["met"] else "NOT MET"
-            lines.append(
-                f"{head}  worst {t['worst']:.2f} at {t['worst_case']}: {status} ({t['within']}/{t['measured']} within)"
-            )
+def legend_lines(rows: Sequence[Row]) -> list[str]:
+    """One line per column of :func:`table_lines` saying what it shows (and one per baseline)."""
+    if not rows:
+        return []
+    columns = _columns(rows)
+    width = max(len(c.header) for c in columns)
+    lines = ["columns:"]
+    for column in columns:
+        lines.append(f"  {column.header.ljust(width)}  {column.legend}")
+        if column.header == "baseline":
+            names = list(dict.fromkeys(r.baseline for r in rows))
+            name_width = max(len(name) for name in names)
+            for name in names:
+                lines.append(f"  {'':{width}}    {name.ljust(name_width)}  {BASELINES.get(name, name)}")
     return lines
 
 
-_PANELS = {
-    # backend: [(Row field, y label)]
-    "numpy": [("copies", "time / array copy"), ("ratio", "time / naive NumPy")],
-    "cupy": [("copies", "time / array copy"), ("ratio", "time / PyTorch CUDA (or naive CuPy)")],
-    "torch": [("ratio", "time / PyTorch native")],
-    "torch_gpu": [("ratio", "time / PyTorch native")],
-    "jax": [("ratio", "time / naive jnp (jit)")],
-    "jax_gpu": [("ratio", "time / naive jnp (jit)")],
-}
+def _range(values: Sequence[float]) -> str:
+    low, high = _ratio(min(values)), _ratio(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
+_LARGE_TEXT = f"2**{LARGE_SIZE.bit_length() - 1}"
+SIZE_BANDS = (
+    (f"under {SMALL_SIZE} elements", lambda size: size < SMALL_SIZE),
+    (f"{SMALL_SIZE} to {_LARGE_TEXT} elements", lambda size: SMALL_SIZE <= size < LARGE_SIZE),
+    (f"{_LARGE_TEXT} elements or more", lambda size: size >= LARGE_SIZE),
+)
+
+
+def summary_lines(rows: Sequence[Row]) -> list[str]:
+    """Per backend and baseline, per input size and case: the range of ours/base over the
+    dtypes and shapes measured."""
+    groups = list(dict.fromkeys((r.backend, r.baseline) for r in rows))
+    if not groups:
+        return []
+    lines = ["summary: ours/base by input size, lowest-highest over the dtypes and shapes measured"]
+    heads = [f"{backend} vs {baseline}" for backend, baseline in groups]
+    head_width = max(len(head) for head in heads)
+    band_width = max(len(band) for band, _ in SIZE_BANDS)
+    for head, (backend, baseline) in zip(heads, groups, strict=True):
+        mine = [r for r in rows if (r.backend, r.baseline) == (backend, baseline)]
+        for band, within in SIZE_BANDS:
+            banded = [r for r in mine if within(_size(r))]
+            if not banded:
+                continue
+            ranges = [
+                f"{case} {_range([r.ratio for r in banded if r.case == case])}"
+                for case in CASES
+                if any(r.case == case for r in banded)
+            ]
+            lines.append(f"  {head.ljust(head_width)}  {(band + ':').ljust(band_width + 1)}  {', '.join(ranges)}")
+            head = ""
+    return lines
+
+
+_LIBRARIES = {"numpy": "NumPy", "cupy": "CuPy"}
+
+
+def _baseline_words(backend: str, name: str) -> str:
+    """A baseline as a plot title names it."""
+    if name == "naive":
+        return f"naive {_LIBRARIES.get(backend, backend)}"
+    if name == "naive jit":
+        return "naive jax.numpy under jit"
+    if name.startswith("torch "):
+        return name
+    return f"torch {name}"
+
+
+def _panel_title(backend: str, field: str, rows: Sequence[Row]) -> str:
+    if field == "copies":
+        return f"{backend}: our time / time of an array copy"
+    by_name: dict[str, list[str]] = {}
+    for r in rows:
+        cases = by_name.setdefault(r.baseline, [])
+        if r.case not in cases:
+            cases.append(r.case)
+    if len(by_name) == 1:
+        return f"{backend}: our time / {_baseline_words(backend, next(iter(by_name)))}"
+    parts = [f"{_baseline_words(backend, name)} ({', '.join(cases)})" for name, cases in by_name.items()]
+    return f"{backend}: our time / {', '.join(parts)}"
 
 
 def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def write_plot(rows: Sequence[Row], path: str, targets: Sequence[Target] = TARGETS) -> None:
-    """Bar charts of the ratios, one panel per (backend, baseline), log scale, targets dashed."""
+def write_plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
+    """Bar charts of the ratios on a log scale, one panel per backend and baseline (our time
+    over the baseline's; for NumPy and CuPy also over an array copy's), with a line at 1.
+
+    ``rows`` may be measured or read back with :func:`load_rows`."""
     figure_module = importlib.import_module("matplotlib.figure")
     ticker = importlib.import_module("matplotlib.ticker")
-    backends = [name for name in BACKENDS if any(r.backend == name for r in rows)]
-    panels = [(name, field, label) for name in backends for field, label in _PANELS[name]]
+    present = list(dict.fromkeys(r.backend for r in rows))
+    backends = [name for name in BACKENDS if name in present] + [name for name in present if name not in BACKENDS]
+    panels = [
+        (name, field)
+        for name in backends
+        for field in ("copies", "ratio")
+        if any(r.backend == name and getattr(r, field) is not None for r in rows)
+    ]
+    if not panels:
+        raise ValueError("no rows to plot")
     groups_count = max(len({(r.dtype, r.shape) for r in rows if r.backend == name}) for name in backends)
     figure = figure_module.Figure(figsize=(max(6.0, 1.1 * groups_count + 2), 2.8 * len(panels)), layout="constrained")
     axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
     width = 0.8 / len(CASES)
-    for ax, (name, field, label) in zip(axes, panels, strict=True):
-        mine = [r for r in rows if r.backend == name]
+    for ax, (name, field) in zip(axes, panels, strict=True):
+        mine = [r for r in rows if r.backend == name and getattr(r, field) is not None]
         groups = list(dict.fromkeys((r.dtype, r.shape) for r in mine))
-        colors: dict[str, Any] = {}
         for j, case in enumerate(CASES):
-            points = [
-                (i, getattr(r, field))
-                for i, g in enumerate(groups)
-                for r in mine
-                if (r.dtype, r.shape) == g and r.case == case
-            ]
-            colors[case] = ax.bar([i + (j - 1) * width for i, _ in points], [v for _, v in points], width, label=case)
-        for target in targets:
-            cases = {r.case for r in mine if target.metric == field and target.applies(r)}
-            for case in cases if cases != set(CASES) else ():
-                color = colors[case].patches[0].get_facecolor() if colors[case].patches else "black"
-                ax.axhline(target.limit, color=color, linestyle="--", linewidth=1)
-            if cases == set(CASES):  # one limit for every case
-                ax.axhline(target.limit, color="black", linestyle="--", linewidth=1)
+            points = [(groups.index((r.dtype, r.shape)), getattr(r, field)) for r in mine if r.case == case]
+            if points:
+                ax.bar([i + (j - 1) * width for i, _ in points], [v for _, v in points], width, label=case)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         low, high = ax.get_ylim()
-        if high < 10 * low:  # within a decade the major ticks alone may be too few to read
+        if math.floor(math.log10(high)) - math.ceil(math.log10(low)) < 1:  # fewer than two powers of 10 to read
+            if high > 10 * low:
+                ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
             ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
             ax.tick_params(axis="y", which="minor", labelsize=6)
         else:
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xticks(range(len(groups)), [f"{dtype}\n{shape_text(shape)}" for dtype, shape in groups], fontsize=7)
-        ax.set_ylabel(label)
-        ax.set_title(f"{name} (dashed: targets)", fontsize=9)
+        ax.set_ylabel("ours / copy" if field == "copies" else "ours / baseline")
+        ax.set_title(_panel_title(name, field, mine), fontsize=9)
         ax.legend(fontsize=7)
     figure.savefig(path, dpi=120)
 
@@ -901,12 +976,13 @@ def bench(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Run the benchmark, print the table (``out``) and progress (``err``); 0 on success.
+    """Run the benchmark; print the machine, the backends not measured, the table, its
+    legend and a summary (``out``), and progress (``err``).
 
     ``quick``: the small shape and (32,64,56,56), float32, 3 repeats, short
     samples; explicit ``shapes``, ``dtypes`` and ``repeats`` still win.
-    Targets not met do not change the exit status (this measures, it does
-    not test).
+    Returns 0 when it ran (whatever the numbers), 1 if no backend could be
+    loaded, 2 for an unusable ``--plot`` or ``--json`` path.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -932,19 +1008,20 @@ def bench(
             loaded.append(load_backend(name))
         except BackendUnavailable as why:
             skipped.append(str(why))
-            print(f"skipped: {why}", file=err)
     if not loaded:
+        for line in skipped_lines(skipped):
+            print(line, file=err)
         print("error: no backend to benchmark", file=err)
         return 1
 
     machine = machine_info()
-    for line in machine_lines(machine):
+    for line in [*machine_lines(machine), *skipped_lines(skipped)]:
         print(line, file=out)
     out.flush()
     if machine["other_load"] is not None and machine["other_load"] > 0.1:
         print(
             f"warning: other processes use {machine['other_load']:.0%} of the CPUs: they compete with the "
-            "benchmark, and multi-threaded calls (torch, jax) suffer most; see the 'others' column",
+            "benchmark, and multi-threaded calls (torch, jax) suffer most; see the 'other CPU' column",
             file=err,
         )
 
@@ -962,18 +1039,13 @@ def bench(
                     print(f"[{done}/{total}] {backend.name} {dtype} {shape_text(shape)} {case} ...", end=" ", file=err)
                     err.flush()
                     row = measure(backend, case, shape, dtype, host, repeats=count, sample_seconds=sample_seconds)
-                    print(f"{_number(row.ours_ms)} ms, {row.ratio:.2f}x {row.baseline}", file=err)
+                    print(f"{_number(row.ours_ms)} ms, {_ratio(row.ratio)}x {row.baseline}", file=err)
                     rows.append(row)
 
-    targets = evaluate_targets(rows)
-    print("", file=out)
-    for line in table_lines(rows):
-        print(line, file=out)
-    print("", file=out)
-    for line in target_lines(targets):
-        print(line, file=out)
-    for reason in skipped:
-        print(f"skipped: {reason}", file=out)
+    for block in (table_lines(rows), legend_lines(rows), summary_lines(rows)):
+        print("", file=out)
+        for line in block:
+            print(line, file=out)
 
     if json_path is not None:
         document = {
@@ -989,7 +1061,6 @@ def bench(
                 "eps": EPS,
             },
             "rows": [asdict(row) for row in rows],
-            "targets": targets,
             "skipped": skipped,
         }
         with open(json_path, "w", encoding="utf-8") as handle:
