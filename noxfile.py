@@ -1,13 +1,17 @@
 """nox sessions: the same conformance suite once per array backend, plus lint and docs.
 
-    nox                              # CPU matrix + lint + docs (what CI runs)
+    nox                              # CPU matrix + lint + docs checked in a browser (what CI runs)
     nox -s "tests(torch)"            # one backend
     nox -s "tests(cupy)" "tests(torch_gpu)" "tests(jax_gpu)"   # on a GPU machine
+    nox -s docs                      # the docs and their examples, without the browser
     nox -s bench -- --quick          # speed ratios (not run by default)
 
 PyTorch: ``PBN_TORCH_REQUIREMENT`` (default ``torch==2.13.0``) and, where the
 default would resolve to a multi-GB CUDA build, ``PBN_TORCH_INDEX_URL``
 (e.g. https://download.pytorch.org/whl/cpu) pick the CPU build.
+
+docs_browser needs Chromium (Debian's or Ubuntu's ``chromium`` package; ``PBN_CHROMIUM``
+names another binary). Run as root with apt-get available, the session installs it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask"]
 GPU_BACKENDS = ["cupy", "torch_gpu", "jax_gpu"]
-nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lint", "docs"]
+nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lint", "docs_browser"]
 
 TORCH_REQUIREMENT = os.environ.get("PBN_TORCH_REQUIREMENT", "torch==2.13.0")
 TORCH_INDEX_URL = os.environ.get("PBN_TORCH_INDEX_URL", "")
@@ -73,13 +77,53 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
+DOCS_EXTRAS = "docs,strict,jax,dask"  # the pages' examples and generated tables use every CPU library
+
+
+def build_docs(session: nox.Session) -> None:
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest")
+
+
 @nox.session
 def docs(session: nox.Session) -> None:
     """Sphinx, warnings as errors, offline; then every example on the pages runs (doctest)."""
-    session.install("-e", ".[docs]")
+    session.install("-e", f".[{DOCS_EXTRAS}]")
     install_torch(session, cuda=False)  # the pages show PyTorch interop
-    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
-    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest")
+    build_docs(session)
+
+
+def chromium(session: nox.Session) -> str:
+    """The Chromium binary: PBN_CHROMIUM, or chromium on PATH; installed with apt-get where we are root."""
+    found = os.environ.get("PBN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "-qq", "update", external=True, env=env)
+        session.run("apt-get", "-qq", "-y", "install", "--no-install-recommends", "chromium", external=True, env=env)
+        found = shutil.which("chromium")
+    if not found:
+        session.error(
+            "docs_browser needs Chromium: install Debian's or Ubuntu's chromium package "
+            "(sudo apt-get install chromium) or set PBN_CHROMIUM to a Chromium binary"
+        )
+    return found
+
+
+@nox.session
+def docs_browser(session: nox.Session) -> None:
+    """The docs session, then every page opened in headless Chromium (docs/browser_check.py):
+    no console errors, math rendered, images shown, no broken link or anchor; screenshots in
+    docs/_build/screenshots."""
+    browser = chromium(session)
+    session.install("-e", f".[{DOCS_EXTRAS},browser]")
+    install_torch(session, cuda=False)
+    build_docs(session)
+    session.run(
+        "python", "docs/browser_check.py", "docs/_build/html", "--screenshots", "docs/_build/screenshots",
+        "--chromium", browser,
+    )  # fmt: skip
 
 
 @nox.session
