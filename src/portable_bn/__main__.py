@@ -64,8 +64,9 @@ Measure how accurate the training-mode output of batch_norm is on data that
 breaks naive implementations: large offsets, tiny variances, magnitudes whose
 squares overflow float32, values near the largest float32, constant channels.
 For every installed backend and dtype, and for PyTorch's own
-torch.nn.functional.batch_norm on the CPU where torch is installed, the output
-is compared with the exact result computed in float64.
+torch.nn.functional.batch_norm where torch is installed (on the CPU, and on
+CUDA with and without cuDNN where torch sees a GPU), the output is compared
+with the exact result computed in float64.
 
 Prints a table: one row per implementation and dtype, one column per data
 set, each cell the normwise error max|y - y64| / max(1, max|y64|), where y64

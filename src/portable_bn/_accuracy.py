@@ -4,7 +4,8 @@ For each installed backend (first device) and dtype, the normwise error of a
 training-mode ``batch_norm`` output against the float64 truth
 (:func:`portable_bn.testing.reference_batch_norm`, exactly rounded sums) on data sets that break naive
 implementations; the same data through ``torch.nn.functional.batch_norm`` on
-the CPU, where torch is installed, for comparison.
+the CPU, where torch is installed, and on CUDA (with cuDNN and with PyTorch's own
+kernel) where torch sees a GPU, for comparison.
 """
 
 from __future__ import annotations
@@ -68,23 +69,28 @@ def measure() -> list[tuple[str, str, dict[str, float]]]:
         import torch
     except ImportError:
         return rows
-    for name in ("float16", "bfloat16", "float32", "float64"):
-        dtype = getattr(torch, name)
+    devices = [("cpu", "CPU", True)]
+    if torch.cuda.is_available():  # PyTorch's CUDA kernels: cuDNN's, and its own with cuDNN off
+        devices += [("cuda", "CUDA, cuDNN", True), ("cuda", "CUDA, native kernel", False)]
+    for device, label, cudnn in devices:
+        for name in ("float16", "bfloat16", "float32", "float64"):
+            dtype = getattr(torch, name)
 
-        def run(x: Any) -> np.ndarray:
-            out = torch.nn.functional.batch_norm(x, None, None, training=True)
-            return out.float().numpy() if out.dtype == torch.bfloat16 else out.numpy()
+            def run(x: Any, cudnn: bool = cudnn) -> np.ndarray:
+                with torch.backends.cudnn.flags(enabled=cudnn):
+                    out = torch.nn.functional.batch_norm(x, None, None, training=True)
+                return out.float().cpu().numpy() if out.dtype == torch.bfloat16 else out.cpu().numpy()
 
-        def cast(data: np.ndarray, dtype: Any = dtype) -> Any:
-            return torch.from_numpy(data).to(dtype)
+            def cast(data: np.ndarray, dtype: Any = dtype, device: str = device) -> Any:
+                return torch.from_numpy(data).to(device=device, dtype=dtype)
 
-        def host(x: Any) -> np.ndarray:
-            return x.double().numpy()
+            def host(x: Any) -> np.ndarray:
+                return x.double().cpu().numpy()
 
-        errors = {
-            key: _error(run, cast, host, make(SHAPE, 0)) for key, (make, dtypes) in DATA.items() if name in dtypes
-        }
-        rows.append(("torch F.batch_norm (CPU)", name, errors))
+            errors = {
+                key: _error(run, cast, host, make(SHAPE, 0)) for key, (make, dtypes) in DATA.items() if name in dtypes
+            }
+            rows.append((f"torch F.batch_norm ({label})", name, errors))
     return rows
 
 
