@@ -51,12 +51,18 @@ def _cpu_model() -> str:
     return _cpu_model()
 
 
-def machine_line() -> str:
+def machine_line(*, gpu: bool = True) -> str:
+    """The CPU, the GPU that a loaded library sees (where ``gpu``), Python and library versions."""
     import os
     import platform
 
+    from portable_bn._bench import gpu_name
+
     versions = ", ".join(f"{name} {v}" for name in LIBRARIES if (v := _version(name)) is not None)
-    return f"{_cpu_model()}, {os.cpu_count()} cores, no GPU used; Python {platform.python_version()}; {versions}"
+    device = f"{_cpu_model()}, {os.cpu_count()} cores"
+    if gpu:
+        device += f", {gpu_name() or 'no GPU'}"
+    return f"{device}; Python {platform.python_version()}; {versions}"
 
 
 def _cache_key(command: str) -> str:
@@ -64,15 +70,17 @@ def _cache_key(command: str) -> str:
     for path in sorted(SOURCE.rglob("*.py")):
         digest.update(path.relative_to(SOURCE).as_posix().encode())
         digest.update(path.read_bytes())
-    digest.update(machine_line().encode())
+    digest.update(machine_line(gpu=False).encode())
     return digest.hexdigest()[:16]
 
 
-def command_output(command: str) -> str:
-    """What ``python -m portable_bn <command>`` prints here (cached by source and versions)."""
+def command_output(command: str) -> tuple[str, str]:
+    """What ``python -m portable_bn <command>`` prints here, and the machine it ran on (cached by
+    the package's source and the libraries' versions)."""
     cache = GENERATED / "cache" / f"{command}-{_cache_key(command)}.txt"
     if cache.exists():
-        return cache.read_text()
+        machine, _, text = cache.read_text().partition("\n")
+        return text, machine
     from portable_bn.__main__ import main
 
     buffer = io.StringIO()
@@ -80,11 +88,12 @@ def command_output(command: str) -> str:
         status = main([command])
     if status != 0:
         raise RuntimeError(f"python -m portable_bn {command} exited with {status}:\n{buffer.getvalue()}")
+    machine = machine_line()  # after the run: the GPU a library saw is known
     cache.parent.mkdir(parents=True, exist_ok=True)
     for old in cache.parent.glob(f"{command}-*.txt"):
         old.unlink()
-    cache.write_text(buffer.getvalue())
-    return buffer.getvalue()
+    cache.write_text(f"{machine}\n{buffer.getvalue()}")
+    return buffer.getvalue(), machine
 
 
 class _Rst(SphinxDirective):
@@ -141,8 +150,8 @@ class CommandOutput(_Rst):
         command = self.arguments[0]
         if command not in ("accuracy", "check"):
             raise self.error(f"command-output: unknown command {command!r}")
-        text = command_output(command)
-        intro = f"``python -m portable_bn {command}``, run when this page was built, on: {machine_line()}."
+        text, machine = command_output(command)
+        intro = f"``python -m portable_bn {command}``, run when this page was built, on: {machine}."
         return self.render(["", intro, *_literal(text)])
 
 
