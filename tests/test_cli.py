@@ -122,3 +122,9 @@ def test_a_backend_that_needs_its_own_process_is_checked_in_one(monkeypatch):
         ("cpu", "float32", "PASS"),
         ("cpu", "float64", "PASS"),
     ]
+
+
+def test_no_command_prints_the_help(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m portable_bn") and "check" in out and "bench" in out

@@ -179,7 +179,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if not (sys.argv[1:] if argv is None else argv):  # no command: the help, not a usage error
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
     if args.command == "accuracy":
         from ._accuracy import accuracy
 
