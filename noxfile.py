@@ -101,7 +101,7 @@ def chromium(session: nox.Session) -> str:
     if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         env = {"DEBIAN_FRONTEND": "noninteractive"}
         session.run("apt-get", "-qq", "update", external=True, env=env)
-        session.run("apt-get", "-qq", "-y", "install", "--no-install-recommends", "chromium", external=True, env=env)
+        session.run("apt-get", "-qq", "-y", "install", "chromium", external=True, env=env)
         found = shutil.which("chromium")
     if not found:
         session.error(
