@@ -125,11 +125,8 @@ class BackendTable(_Rst):
             "     - also tested",
         ]
         for spec in _matrix.BACKEND_TABLE:
-            devices = "; ".join(
-                f"``{d.label}``" + (f" ({d.note})" if d.note else "") + ("" if d.values else " [shapes only]")
-                for d in spec.devices
-            )
-            features = "; ".join(f.what for f in spec.features) or "-"
+            devices = "; ".join(f"``{d.label}``" + (f" ({d.note})" if d.note else "") for d in spec.devices)
+            features = "; ".join(f.what for f in spec.features) or "\u2014"
             lines += [
                 f"   * - ``{spec.name}``" + (" (GPU)" if spec.gpu else ""),
                 f"     - {spec.library}",
