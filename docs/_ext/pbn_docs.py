@@ -113,6 +113,7 @@ class BackendTable(_Rst):
     def run(self) -> list[nodes.Node]:
         from portable_bn.testing import _matrix
 
+        self.env.note_dependency(_matrix.__file__)  # rebuilt when the table changes
         lines = [
             ".. list-table::",
             "   :header-rows: 1",
@@ -147,6 +148,8 @@ class CommandOutput(_Rst):
         command = self.arguments[0]
         if command not in ("accuracy", "check"):
             raise self.error(f"command-output: unknown command {command!r}")
+        for path in SOURCE.rglob("*.py"):  # rebuilt when the package changes
+            self.env.note_dependency(str(path))
         text, machine = command_output(command)
         intro = f"``python -m portable_bn {command}``, run when this page was built, on: {machine}."
         return self.render(["", intro, *_literal(text)])
@@ -249,6 +252,7 @@ class BenchResults(_Rst):
 
         path = DOCS / self.arguments[0]
         self.env.note_dependency(str(path))
+        self.env.note_dependency(_bench.__file__)
         document = json.loads(path.read_text())
         rows = _bench.load_rows(document)
         backends = [b for b in _bench.BACKENDS if any(r.backend == b for r in rows)]
