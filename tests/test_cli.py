@@ -59,7 +59,14 @@ def test_accuracy_command_prints_a_table(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["implementation", "dtype"]
     assert any(line.startswith("portable_bn numpy") and "float32" in line for line in lines)
-    assert lines[-1].startswith("normwise error")
+    assert lines[-1].startswith("normwise error of the float32 training backward")
+    gradients = lines[lines.index("") + 1 :]
+    assert gradients[0].split()[:3] == ["implementation", "float32", "gradient"]
+    assert {line.split()[2] for line in gradients if line.startswith("portable_bn numpy")} == {
+        "grad_input",
+        "grad_weight",
+        "grad_bias",
+    }
 
 
 def _help(capsys, *args):

@@ -8,24 +8,12 @@ import pytest
 
 import portable_bn as pbn
 from conftest import require_backend
+from portable_bn._accuracy import GRADIENT_DATA, gradient_case
 from portable_bn.testing import max_error, reference_backward, reference_batch_norm
 
-HARD_DATA = [  # (shape, offset, spread): ordinary, large offset, large offset and large n
-    ((16, 8, 8, 8), 0.0, 1.0),
-    ((16, 8, 8, 8), 1e3, 1.0),
-    ((32, 4, 32, 32), 1e4, 0.1),
-]
-
-
-def _float32_case(shape, offset, spread):
-    rng = np.random.default_rng(0)
-    x = (offset + spread * rng.normal(size=shape)).astype(np.float32)
-    grad = rng.normal(size=shape).astype(np.float32)
-    weight = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
-    xh, gh, wh = (a.astype(np.float64) for a in (x, grad, weight))
-    fwd = reference_batch_norm(xh, weight=wh, training=True)
-    truth = reference_backward(gh, xh, wh, fwd["mean"], fwd["invstd"], training=True)
-    return x, grad, weight, truth
+# ordinary, large offset, large offset and large n, moderate offset: the data of the gradient
+# table that ``python -m portable_bn accuracy`` prints (docs: accuracy)
+HARD_DATA = GRADIENT_DATA
 
 
 @pytest.mark.parametrize(("shape", "offset", "spread"), HARD_DATA)
@@ -33,7 +21,7 @@ def test_float32_backward_is_as_close_to_float64_as_pytorchs(shape, offset, spre
     require_backend("torch")
     import torch
 
-    x, grad, weight, truth = _float32_case(shape, offset, spread)
+    x, grad, weight, truth = gradient_case(shape, offset, spread)
     xt = torch.from_numpy(x).requires_grad_()
     wt = torch.from_numpy(weight).requires_grad_()
     bt = torch.zeros(shape[1], requires_grad=True)

@@ -68,9 +68,12 @@ torch.nn.functional.batch_norm where torch is installed (on the CPU, and on
 CUDA with and without cuDNN where torch sees a GPU), the output is compared
 with the exact result computed in float64.
 
-Prints a table: one row per implementation and dtype, one column per data
-set, each cell the normwise error max|y - y64| / max(1, max|y64|), where y64
-is the float64 result ("-" where the dtype cannot hold the data).
+Prints two tables. The first has one row per implementation and dtype and
+one column per data set, each cell the normwise error
+max|y - y64| / max(1, max|y64|), where y64 is the float64 result ("-" where
+the dtype cannot hold the data). The second gives the error of the float32
+training backward (input, weight and bias gradients) against the float64
+gradients of the same data, ours per backend beside PyTorch's autograd.
 
 Exit status: always 0; this command reports, it does not judge."""
 
