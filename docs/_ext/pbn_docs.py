@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import io
 import json
 import math
+import os
+import platform
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,32 +33,16 @@ from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
+from portable_bn._bench import _cpu_model, _version, gpu_name
+
 DOCS = Path(__file__).resolve().parent.parent
 SOURCE = DOCS.parent / "src" / "portable_bn"
 GENERATED = DOCS / "generated"
 LIBRARIES = ("numpy", "array-api-compat", "torch", "jax", "dask", "array-api-strict", "cupy")
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    from portable_bn._bench import _cpu_model
-
-    return _cpu_model()
-
-
 def machine_line(*, gpu: bool = True) -> str:
     """The CPU, the GPU that a loaded library sees (where ``gpu``), Python and library versions."""
-    import os
-    import platform
-
-    from portable_bn._bench import gpu_name
-
     versions = ", ".join(f"{name} {v}" for name in LIBRARIES if (v := _version(name)) is not None)
     device = f"{_cpu_model()}, {os.cpu_count()} cores"
     if gpu:

@@ -46,7 +46,6 @@ class BackendSpec:
 
     name: str
     library: str
-    install: str
     devices: tuple[DeviceSpec, ...]
     dtypes: tuple[str, ...]
     gpu: bool = False
@@ -76,7 +75,6 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "numpy",
         "NumPy",
-        "(always installed)",
         (DeviceSpec("cpu"),),
         _NO_BFLOAT,
         features=(Feature("read-only arrays", "tests/test_conformance.py::test_read_only_numpy_arrays"),),
@@ -84,14 +82,12 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "array_api_strict",
         "array-api-strict",
-        "pip install 'portable_bn[strict]'",
         (DeviceSpec("CPU_DEVICE"), DeviceSpec("device1", note="a second, virtual device")),
         ("float32", "float64"),
     ),
     BackendSpec(
         "torch",
         "PyTorch",
-        "pip install 'portable_bn[torch]'",
         (
             DeviceSpec("cpu"),
             DeviceSpec(
@@ -105,7 +101,6 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "jax",
         "JAX, 64-bit types enabled",
-        "pip install 'portable_bn[jax]'",
         (DeviceSpec("cpu:0"),),
         _HALF,
         gradients="jax.grad; batch_norm_backward, module.backward()",
@@ -114,14 +109,12 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "jax_x32",
         "JAX, default configuration",
-        "pip install 'portable_bn[jax]'",
         (DeviceSpec("cpu:0"),),
         ("float16", "bfloat16", "float32"),
     ),
     BackendSpec(
         "dask",
         "Dask (two chunks along the batch)",
-        "pip install 'portable_bn[dask]'",
         (DeviceSpec("cpu"),),
         _NO_BFLOAT,
         features=(
@@ -134,7 +127,6 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "cupy",
         "CuPy",
-        "pip install cupy-cuda12x",
         (DeviceSpec("cuda:0"),),
         _NO_BFLOAT,
         gpu=True,
@@ -145,7 +137,6 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "torch_gpu",
         "PyTorch",
-        "pip install torch (a CUDA build)",
         (DeviceSpec("cuda"),),
         _HALF,
         gpu=True,
@@ -159,7 +150,6 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec(
         "jax_gpu",
         "JAX, 64-bit types enabled",
-        "pip install 'jax[cuda12]'",
         (DeviceSpec("cuda:0"),),
         _HALF,
         gpu=True,
