@@ -34,11 +34,22 @@ def test_module_methods_have_examples(method):
 
 def test_functions_take_options_by_keyword_only():
     for func, keyword_only in [
-        (pbn.batch_norm, {"training", "momentum", "eps", "axis", "skip_nonfinite"}),
-        (pbn.batch_norm_backward, {"training", "axis"}),
+        (pbn.batch_norm, {"training", "momentum", "eps", "axis", "skip_nonfinite", "mask", "virtual_batch_size", "sync"}),
+        (pbn.batch_norm_backward, {"training", "axis", "mask", "virtual_batch_size", "sync"}),
+        (pbn.BatchNorm2d, {"axis", "xp", "device", "dtype", "skip_nonfinite", "virtual_batch_size", "sync"}),
+        (pbn.BatchNorm2d.__call__, {"mask"}),
     ]:
         params = inspect.signature(func).parameters
         assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == keyword_only
+
+
+@pytest.mark.parametrize("name", ["TorchProcessGroup", "JaxAxis"])
+def test_reducers_have_docstrings_with_examples(name):
+    from portable_bn import distributed
+
+    assert name in distributed.__all__
+    doc = inspect.getdoc(getattr(distributed, name)) or ""
+    assert "Examples\n--------\n>>> " in doc and "Parameters\n----------" in doc, name
 
 
 TESTING_PUBLIC = [name for name in pbn.testing.__all__ if not name.isupper()]  # constants have no docstrings

@@ -89,19 +89,27 @@ def updated_running_stats(
     """PyTorch's update ``(1 - f) * old + f * new`` in the batch statistics' dtype, the variance
     unbiased; results in the running statistics' dtype.
 
-    ``factor`` is a Python float (momentum) or a 0-d array (:func:`update_factor`). With
-    ``skip_nonfinite``, a channel whose batch mean or variance is NaN or Inf keeps its old
-    values (a per-channel ``where``: no host synchronisation)."""
+    ``factor`` is a Python float (momentum) or a 0-d array (:func:`update_factor`). ``count``
+    is a Python int (never below 2 here: the callers check), or per-channel counts known only
+    as arrays (masks, replicas), where a channel of fewer than two values keeps its old values:
+    it has no unbiased variance, and an empty one no statistics (PyTorch's rule for an empty
+    batch). With ``skip_nonfinite``, a channel whose batch mean or variance is NaN or Inf keeps
+    its old values too (a per-channel ``where``: no host synchronisation)."""
     dtype = batch_mean.dtype
     old_mean, old_var = _as(xp, running_mean, dtype), _as(xp, running_var, dtype)
     new_var = unbiased_variance(batch_var, count)
     keep = 1.0 - factor
     updated_mean = keep * old_mean + factor * batch_mean
     updated_var = keep * old_var + factor * new_var
+    keep_old = None
+    if not isinstance(count, int):
+        keep_old = count < 2.0
     if skip_nonfinite:
-        finite = xp.isfinite(batch_mean) & xp.isfinite(new_var)
-        updated_mean = xp.where(finite, updated_mean, old_mean)
-        updated_var = xp.where(finite, updated_var, old_var)
+        nonfinite = ~(xp.isfinite(batch_mean) & xp.isfinite(new_var))
+        keep_old = nonfinite if keep_old is None else keep_old | nonfinite
+    if keep_old is not None:
+        updated_mean = xp.where(keep_old, old_mean, updated_mean)
+        updated_var = xp.where(keep_old, old_var, updated_var)
     return _as(xp, updated_mean, running_mean.dtype), _as(xp, updated_var, running_var.dtype)
 
 
@@ -163,8 +171,9 @@ class Moments(NamedTuple):
 
 
 def moments_from_sums(xp: ModuleType, sums: ShiftedSums, count: Any) -> Moments:
-    """The moments of one pass's sums: ``mean = total / n``, ``M2 = squares - total * mean``."""
-    mean = sums.total / count
+    """The moments of one pass's sums: ``mean = total / n``, ``M2 = squares - total * mean``
+    (0 and 0 for no values)."""
+    mean = _ratio(xp, sums.total, count)
     return Moments(count, sums.shift, mean, sums.squares - sums.total * mean, sums.scale)
 
 
@@ -211,7 +220,8 @@ def _ratio(xp: ModuleType, part: Any, whole: Any) -> Any:
     """``part / whole``, 0 where ``whole`` is 0 (an empty set merges as nothing)."""
     if isinstance(whole, int):
         return part / whole if whole else 0.0
-    return xp.where(whole > 0, part / xp.maximum(whole, xp.ones_like(whole)), xp.zeros_like(whole))
+    quotient = part / xp.maximum(whole, xp.ones_like(whole))
+    return xp.where(whole > 0, quotient, xp.zeros_like(quotient))
 
 
 class Statistics(NamedTuple):
@@ -236,7 +246,7 @@ def statistics(xp: ModuleType, moments: Moments, eps: float, *, dtype: Any) -> S
     channel's values are exactly 0. The ``invstd`` returned is ``1 / sqrt(var + eps)`` wherever
     the variance fits the moments' dtype (so that channel gets ``1 / sqrt(eps)``), else the
     normalizer scaled back."""
-    var_s = moments.m2 / moments.count
+    var_s = _ratio(xp, moments.m2, moments.count)  # no values: mean 0, variance 0
     shift = moments.shift
     mean = moments.mean if shift is None else _as(xp, shift, var_s.dtype) + moments.mean
     if moments.scale is None:
@@ -345,18 +355,16 @@ def prescaled_sums(prims: Primitives, x: Any, recipe: Recipe) -> ShiftedSums:
     count = recipe.count_per_channel
     shrink = 2.0 ** -(count - 1).bit_length()
     low, high, shrunk_total = prims.first_pass(x, recipe, shrink)
-    scale, shift = prims.per_channel(
-        _scale_and_shift, low, high, shrunk_total, count=count, shrink=shrink, dtype=x.dtype
-    )
+    scale, shift = prims.per_channel(_scale_and_shift, low, high, shrunk_total, count, shrink=shrink, dtype=x.dtype)
     return shifted_sums(prims, x, recipe, scale, shift)
 
 
 def _scale_and_shift(
-    xp: ModuleType, low: Any, high: Any, shrunk_total: Any, *, count: int, shrink: float, dtype: Any
+    xp: ModuleType, low: Any, high: Any, shrunk_total: Any, count: Any, *, shrink: float, dtype: Any
 ) -> tuple[Any, Any]:
     low, high = _as(xp, low, dtype), _as(xp, high, dtype)  # values of x: exact
     scale = power_of_two_scale(xp, low, high)
-    mean = shrunk_total * _as(xp, scale / shrink, shrunk_total.dtype) / count
+    mean = _ratio(xp, shrunk_total * _as(xp, scale / shrink, shrunk_total.dtype), count)
     shift = xp.where(low == high, high * scale, _as(xp, mean, dtype))  # a constant channel: exactly
     return scale, shift
 
@@ -411,6 +419,27 @@ def _train_vectors(
     ``x * mult + add`` and whether they may serve everywhere), and where ``verdict`` rejects
     the statistics (:func:`_verdict`)."""
     moments = moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
+    return _vectors_of_moments(
+        xp, moments, weight, bias, running_mean, running_var, factor,
+        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, short=short, verdict=verdict,
+    )  # fmt: skip
+
+
+def _vectors_of_moments(
+    xp: ModuleType,
+    moments: Moments,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    factor: Any,
+    *,
+    eps: float,
+    dtype: Any,
+    skip_nonfinite: bool,
+    short: bool,
+    verdict: str | None,
+) -> _TrainVectors:
     stats = statistics(xp, moments, eps, dtype=dtype)
     unsafe = _verdict(xp, moments, stats.mean, stats.var, verdict, dtype)
     mult = stats.normalizer if weight is None else stats.normalizer * _as(xp, weight, stats.mean.dtype)
@@ -429,7 +458,7 @@ def _train_vectors(
             detach(xp, mean),
             detach(xp, _as(xp, stats.var, dtype)),
             factor,
-            count=count,
+            count=moments.count,
             skip_nonfinite=skip_nonfinite,
         )
     return _TrainVectors(mean, invstd, running_mean, running_var, mult, add, short_mult, short_add, short_ok, unsafe)
@@ -484,6 +513,201 @@ def train_forward(
     if running_mean is not None:
         running_mean, running_var = vectors.running_mean, vectors.running_var
     return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
+
+
+# ------------------------------------------------- masks, replicas and virtual batches
+
+
+def ghost_groups(batch: int, size: int) -> list[slice]:
+    """The virtual batches of ghost batch norm: consecutive groups of ``size`` samples along
+    the batch axis (axis 0), the last holding what remains (as ``torch.split``). Each is
+    normalized with its own statistics and updates the running ones as one batch, in order."""
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)] or [slice(0, 0)]
+
+
+def valid_positions(xp: ModuleType, mask: Any, recipe: Recipe) -> Any:
+    """A mask of the input's shape without the channel axis, broadcastable against the input."""
+    return xp.expand_dims(mask, axis=recipe.channel_axis)
+
+
+def valid_count(xp: ModuleType, mask: Any, recipe: Recipe, dtype: Any) -> Any:
+    """The valid values of each channel (the mask's True count, the same for every channel),
+    as a vector of C values of ``dtype``: computed where the data is, no host read."""
+    count = xp.astype(xp.sum(mask), dtype)
+    return xp.zeros((recipe.num_channels,), dtype=dtype, device=device(mask)) + count
+
+
+class _Checked(NamedTuple):
+    mean: Any
+    unsafe: Any
+
+
+def _checked(
+    xp: ModuleType, shift: Any, total: Any, squares: Any, scale: Any, *, count: int, eps: float, dtype: Any,
+    verdict: str | None,
+) -> _Checked:  # fmt: skip
+    moments = moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
+    stats = statistics(xp, moments, eps, dtype=dtype)
+    return _Checked(stats.mean, _verdict(xp, moments, stats.mean, stats.var, verdict, dtype))
+
+
+def local_moments(prims: Primitives, x: Any, recipe: Recipe, *, eps: float, valid: Any, count: Any) -> Moments:
+    """The moments of the batch ``x`` (in its compute dtype), or of its values where ``valid``
+    holds, ``count`` per channel: those by the prescaled route (:func:`prescaled_sums`, its
+    reductions restricted to the valid values), the batch's by :func:`batch_statistics`. No
+    values: count 0, mean 0, M2 0 (what merges as nothing)."""
+    xp = prims.xp
+    positions = recipe.count_per_channel
+    if positions == 0:  # zeros, as sums of x: autograd then still reaches the collectives
+        zeros = xp.sum(x, axis=recipe.reduce_axes)
+        return Moments(0 if valid is None else count, None, zeros, zeros, None)
+    if valid is not None:
+        shrink = 2.0 ** -(positions - 1).bit_length()
+        low, high, shrunk_total = prims.masked_first_pass(x, recipe, shrink, valid)
+        scale, shift = prims.per_channel(_scale_and_shift, low, high, shrunk_total, count, shrink=shrink, dtype=x.dtype)
+        total, squares = prims.masked_shifted_sums(x, recipe, scale, shift, valid)
+        return moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
+
+    def finish(sums: ShiftedSums, verdict: str | None) -> _Checked:
+        return prims.per_channel(_checked, *sums, count=positions, eps=eps, dtype=x.dtype, verdict=verdict)  # type: ignore[no-any-return]
+
+    sums, _ = batch_statistics(prims, x, recipe, finish)
+    return moments_from_sums(xp, sums, positions)
+
+
+def synchronized_moments(xp: ModuleType, sync: Any, moments: Moments, *, dtype: Any) -> Moments:
+    """The moments of every replica's values: each replica's count, shift, mean, M2 and scale
+    (``4 C + 1`` numbers) gathered by one collective (``sync.gather``), then merged the same
+    way on every replica (:func:`merge_gathered`), so that all hold the same statistics."""
+    acc = moments.mean.dtype
+    like = moments.mean
+    if isinstance(moments.count, int):
+        count = xp.zeros((1,), dtype=acc, device=device(like)) + float(moments.count)
+    else:
+        count = _as(xp, moments.count[:1], acc)
+    shift = xp.zeros_like(like) if moments.shift is None else _as(xp, moments.shift, acc)
+    scale = xp.ones_like(like) if moments.scale is None else _as(xp, moments.scale, acc)
+    packed = xp.concat([count, shift, like, _as(xp, moments.m2, acc), scale])
+    return merge_gathered(xp, sync.gather(packed), dtype=dtype)
+
+
+def merge_gathered(xp: ModuleType, gathered: Any, *, dtype: Any) -> Moments:
+    """The moments of the union of R sets, from their packed moments stacked as rows
+    (``gathered``, ``(R, 4 C + 1)``: count, shift, mean, M2, scale).
+
+    Every set is first brought to the finest scale (powers of two: exact). About a shift
+    ``ref``, the count-weighted mean rounded to ``dtype``, each set's mean is ``delta_r =
+    (shift_r - ref) + mean_r``; the union's mean is ``sum(n_r * delta_r) / n`` and its M2 is
+    ``sum(M2_r + n_r * (delta_r - mean)**2)``: the exact merge of Chan et al. written for R sets
+    at once, in two vectorized passes over the rows. Sets of no values weigh nothing."""
+    channels = (gathered.shape[1] - 1) // 4
+    counts = gathered[:, 0:1]
+    shift, mean, m2, scale = (gathered[:, 1 + i * channels : 1 + (i + 1) * channels] for i in range(4))
+    finest = xp.min(scale, axis=0)
+    ratio = finest / scale
+    shift, mean, m2 = shift * ratio, mean * ratio, m2 * (ratio * ratio)
+    total = xp.sum(counts, axis=0)
+    weights = _ratio(xp, counts, total)
+    reference = _as(xp, xp.sum(weights * (shift + mean), axis=0), dtype)  # the output subtracts it: a value of dtype
+    delta = (shift - _as(xp, reference, gathered.dtype)) + mean
+    offset = xp.sum(weights * delta, axis=0)
+    deviation = delta - offset
+    merged_m2 = xp.sum(m2 + counts * (deviation * deviation), axis=0)
+    return Moments(xp.zeros_like(offset) + total, reference, offset, merged_m2, _as(xp, finest, dtype))
+
+
+def synchronized_sums(xp: ModuleType, sync: Any, grad_bias: Any, grad_weight: Any, count: Any) -> tuple[Any, Any, Any]:
+    """The backward's two per-channel sums and the count, over every replica: one
+    ``sync.sum`` of ``2 C + 1`` numbers."""
+    acc = grad_bias.dtype
+    if isinstance(count, int):
+        count = xp.zeros((1,), dtype=acc, device=device(grad_bias)) + float(count)
+    else:
+        count = _as(xp, count[:1], acc)
+    total = sync.sum(xp.concat([grad_bias, _as(xp, grad_weight, acc), count]))
+    channels = grad_bias.shape[0]
+    return total[:channels], total[channels : 2 * channels], xp.zeros_like(total[:channels]) + total[2 * channels :]
+
+
+def _moments_vectors(
+    xp: ModuleType,
+    count: Any,
+    shift: Any,
+    mean: Any,
+    m2: Any,
+    scale: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    factor: Any,
+    *,
+    eps: float,
+    dtype: Any,
+    skip_nonfinite: bool,
+) -> _TrainVectors:
+    return _vectors_of_moments(
+        xp, Moments(count, shift, mean, m2, scale), weight, bias, running_mean, running_var, factor,
+        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, short=False, verdict=None,
+    )  # fmt: skip
+
+
+def _constant_where_invalid(xp: ModuleType, output: Any, valid: Any) -> Any:
+    """``output`` whose values at masked-out positions carry no derivative (autograd, ``jax.grad``):
+    they are normalized like the rest, but padding, so they feed no gradient back."""
+    constant = detach(xp, output)
+    return output if constant is output else xp.where(valid, output, constant)
+
+
+def moments_train_forward(
+    prims: Primitives,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    factor: Any,
+    eps: float,
+    skip_nonfinite: bool,
+    mask: Any,
+    sync: Any,
+) -> Result:
+    """Training with statistics of the valid values (``mask``) and of every replica (``sync``):
+    local moments (:func:`local_moments`), merged across replicas (:func:`synchronized_moments`),
+    then the output and the running update as :func:`train_forward`'s, with counts as arrays.
+    Masked-out positions are normalized with the same statistics."""
+    xp = prims.xp
+    dtype = compute_dtype(xp, x.dtype)
+    x_compute = _as(xp, x, dtype)
+    valid = count = None
+    with prims.quiet():
+        if mask is not None:
+            valid = valid_positions(xp, mask, recipe)
+            count = valid_count(xp, mask, recipe, dtype)
+        moments = local_moments(prims, x_compute, recipe, eps=eps, valid=valid, count=count)
+        if sync is not None:
+            moments = synchronized_moments(xp, sync, moments, dtype=dtype)
+        vectors = prims.per_channel(
+            _moments_vectors,
+            *moments,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            factor,
+            eps=eps,
+            dtype=dtype,
+            skip_nonfinite=skip_nonfinite,
+        )
+        output = prims.affine(x_compute, recipe, moments.scale, moments.shift, vectors.mult, vectors.add)
+    if valid is not None:
+        output = _constant_where_invalid(xp, output, valid)
+    if running_mean is not None:
+        running_mean, running_var = vectors.running_mean, vectors.running_var
+    return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
+
 
 
 class _EvalVectors(NamedTuple):
@@ -562,8 +786,8 @@ def _backward_vectors(
     weight: Any,
     grad_bias: Any,
     grad_weight: Any,
+    count: Any,
     *,
-    count: int,
     dtype: Any,
     param_dtype: Any,
     training: bool,
@@ -571,14 +795,15 @@ def _backward_vectors(
 ) -> _BackwardVectors:
     """``grad_input = g * k + (x - mean) * f + c`` with ``k = invstd * weight`` and, in training
     (the statistics depend on ``x``), ``f = -k * invstd * grad_weight / n``,
-    ``c = -k * grad_bias / n``; in eval ``f = c = 0``."""
+    ``c = -k * grad_bias / n``; in eval ``f = c = 0``. ``n`` is an int or a vector (masks,
+    replicas): for no values, ``f = c = 0``."""
     acc = grad_bias.dtype
     invstd_acc = _as(xp, invstd, acc)
     k = invstd_acc if weight is None else invstd_acc * _as(xp, weight, acc)
     f = c = short_c = short_ok = None
     if training:
-        f = -(k * invstd_acc * grad_weight) / count
-        c = -(k * grad_bias) / count
+        f = _ratio(xp, -(k * invstd_acc * grad_weight), count)
+        c = _ratio(xp, -(k * grad_bias), count)
         if short:
             # x * f + (c - mean * f) rounds a value of size |mean * f|: within what the
             # longer form rounds where that is at most max(1, |c|)
@@ -632,10 +857,15 @@ def backward(
     recipe: Recipe,
     *,
     training: bool,
+    mask: Any = None,
+    sync: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Analytic gradients of the forward: ``grad_bias = sum(g)``, ``grad_weight = sum(g * xhat)``;
     training ``dx = weight * invstd * (g - sum(g)/n - xhat * sum(g * xhat)/n)``, eval
-    ``dx = g * weight * invstd`` (the statistics are constants)."""
+    ``dx = g * weight * invstd`` (the statistics are constants). In training with a ``mask`` or
+    ``sync``: :func:`moments_backward`; in eval they change nothing."""
+    if training and (mask is not None or sync is not None):
+        return moments_backward(prims, grad_output, x, weight, mean, invstd, recipe, mask=mask, sync=sync)
     xp = prims.xp
     dtype = compute_dtype(xp, x.dtype)
     grad, x_compute = _as(xp, grad_output, dtype), _as(xp, x, dtype)
@@ -655,7 +885,7 @@ def backward(
             weight,
             grad_bias,
             grad_weight,
-            count=recipe.count_per_channel,
+            recipe.count_per_channel,
             dtype=dtype,
             param_dtype=param_dtype,
             training=training,
@@ -668,6 +898,60 @@ def backward(
         else:
             grad_input = prims.grad_input(grad, x_compute, recipe, vectors.k, mean_c, vectors.f, vectors.c)
     return _as(xp, grad_input, x.dtype), vectors.grad_weight, vectors.grad_bias
+
+
+def moments_backward(
+    prims: Primitives,
+    grad_output: Any,
+    x: Any,
+    weight: Any,
+    mean: Any,
+    invstd: Any,
+    recipe: Recipe,
+    *,
+    mask: Any,
+    sync: Any,
+) -> tuple[Any, Any, Any]:
+    """The training backward over the valid values (``mask``: ``grad_input`` is 0 elsewhere)
+    and every replica (``sync``): the input gradient takes the sums ``sum(g)``,
+    ``sum(g * xhat)`` and the count of all replicas (:func:`synchronized_sums`); the weight and
+    bias gradients returned are this replica's shares (its own sums), which data-parallel
+    training adds up as for any parameter (PyTorch's SyncBatchNorm)."""
+    xp = prims.xp
+    dtype = compute_dtype(xp, x.dtype)
+    grad, x_compute = _as(xp, grad_output, dtype), _as(xp, x, dtype)
+    mean_c, invstd_c = _as(xp, mean, dtype), _as(xp, invstd, dtype)
+    param_dtype = dtype if weight is None else weight.dtype
+    valid = None
+    with prims.quiet():
+        if mask is not None:
+            valid = valid_positions(xp, mask, recipe)
+            count: Any = valid_count(xp, mask, recipe, dtype)
+            grad_bias, grad_weight = prims.masked_product_sums(grad, x_compute, recipe, mean_c, invstd_c, valid)
+        else:
+            count = recipe.count_per_channel
+            uncentred = count > 0 and prims.shortcuts(x_compute)
+            grad_bias, grad_weight = backward_sums(prims, grad, x_compute, mean_c, invstd_c, recipe, uncentred=uncentred)
+        own_shares = (_as(xp, grad_weight, param_dtype), _as(xp, grad_bias, param_dtype))
+        if sync is not None:
+            grad_bias, grad_weight, count = synchronized_sums(xp, sync, grad_bias, grad_weight, count)
+        vectors = prims.per_channel(
+            _backward_vectors,
+            mean_c,
+            invstd_c,
+            weight,
+            grad_bias,
+            grad_weight,
+            count,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            training=True,
+            short=False,
+        )
+        grad_input = prims.grad_input(grad, x_compute, recipe, vectors.k, mean_c, vectors.f, vectors.c)
+        if valid is not None:
+            grad_input = xp.where(valid, grad_input, xp.zeros_like(grad_input))
+    return _as(xp, grad_input, x.dtype), own_shares[0], own_shares[1]
 
 
 # ----------------------------------------------------------- native whole-op kernels

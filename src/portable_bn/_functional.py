@@ -4,11 +4,12 @@ own whole-op kernel serves; otherwise the implementation of :mod:`._agnostic` ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _agnostic, _dispatch, _validate
-from ._recipe import Recipe
+from ._recipe import Recipe, make_recipe
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
 
@@ -58,6 +59,9 @@ def batch_norm(
     eps: float = 1e-5,
     axis: int = 1,
     skip_nonfinite: bool = False,
+    mask: Any = None,
+    virtual_batch_size: int | None = None,
+    sync: Any = None,
 ) -> BatchNormResult:
     """Batch normalization with PyTorch's exact rules, on any array-API library.
 
@@ -91,6 +95,27 @@ def batch_norm(
         its running statistics instead of being poisoned for good
         (pytorch#90342). Other channels update normally; the output is not
         changed. Default False: PyTorch's behaviour.
+    mask : boolean array or None, keyword-only
+        Shape of ``x`` without the channel axis; True marks valid positions
+        (Keras's convention). In training, the statistics, the running update
+        (with n the number of valid values) and the backward use the valid
+        values only; masked-out positions are normalized with the same
+        statistics but pass no gradient back. No valid value: mean 0 and
+        variance 0, running statistics unchanged; fewer than two valid
+        values leave the running statistics unchanged. In eval (running
+        statistics) the mask changes nothing.
+    virtual_batch_size : int or None, keyword-only
+        Ghost batch norm (training only): consecutive groups of this many
+        samples along axis 0 are each normalized with their own statistics and
+        update the running statistics in turn, as if fed one by one; the last
+        group holds what remains. ``mean`` and ``invstd`` then have shape
+        ``(groups, C)``.
+    sync : reducer or None, keyword-only
+        Synchronize the training statistics across replicas
+        (:mod:`portable_bn.distributed`: ``TorchProcessGroup``, ``JaxAxis``):
+        the statistics of all replicas' values, weighted by each replica's
+        count. Every replica must call with the same channel count; batch sizes
+        may differ, and may be 0. Not combined with ``virtual_batch_size``.
 
     Returns
     -------
@@ -104,8 +129,9 @@ def batch_norm(
         dtypes that do not match ``x``.
     ValueError
         Wrong rank or channel count, only one running buffer, ``eps <= 0`` in
-        training, one value per channel in training, eval without running
-        statistics, arrays on different devices, unknown (Dask) sizes.
+        training, one value per channel in training (of one replica, or of a
+        virtual batch), eval without running statistics, arrays on different
+        devices, unknown (Dask) sizes, a mask of the wrong shape.
 
     Examples
     --------
@@ -136,6 +162,9 @@ def batch_norm(
         eps=eps,
         axis=axis,
         skip_nonfinite=_validate.flag(skip_nonfinite, "skip_nonfinite"),
+        mask=mask,
+        virtual_batch_size=virtual_batch_size,
+        sync=sync,
     )
 
 
@@ -152,19 +181,87 @@ def forward(
     eps: Any,
     axis: Any,
     skip_nonfinite: bool = False,
+    mask: Any = None,
+    virtual_batch_size: Any = None,
+    sync: Any = None,
+    group_factors: Sequence[Any] | None = None,
 ) -> BatchNormResult:
     """:func:`batch_norm` after ``x``, ``training`` and the update factor are
-    checked; ``factor`` may be a 0-d array (a module's cumulative average)."""
+    checked; ``factor`` may be a 0-d array (a module's cumulative average), and
+    ``group_factors`` give one per virtual batch (default: ``factor`` for each)."""
     recipe = _checked_recipe(xp, x, axis, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     eps = _validate.epsilon(eps, training=training)
     if (running_mean is None) != (running_var is None):
         given = "running_mean" if running_var is None else "running_var"
         raise ValueError(f"running_mean and running_var must be given together, got only {given}")
-    if training and recipe.count_per_channel == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
+    if mask is not None:
+        _validate.mask_for(xp, x, mask, recipe)
+    if sync is not None:
+        sync = _validate.reducer(sync)
+    groups = None
+    if virtual_batch_size is not None:
+        size = _validate.virtual_batch_size(virtual_batch_size, recipe)
+        if sync is not None:
+            raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
+        if training:
+            groups = _agnostic.ghost_groups(int(x.shape[0]), size)
+    if not training:
+        mask = sync = None  # running statistics: neither changes anything
+    if groups is None:
+        if training and mask is None and recipe.count_per_channel == 1 and (sync is None or sync.size == 1):
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}")
+        return _one_batch(
+            xp, x, running_mean, running_var, weight, bias, recipe,
+            training=training, factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, mask=mask, sync=sync,
+        )  # fmt: skip
+    factors = [factor] * len(groups) if group_factors is None else list(group_factors)
+    parts = [(x[(part, ...)], None if mask is None else mask[(part, ...)]) for part in groups]
+    recipes = [make_recipe(tuple(int(n) for n in part.shape), recipe.channel_axis) for part, _ in parts]
+    for (part, part_mask), part_recipe in zip(parts, recipes, strict=True):
+        if part_mask is None and part_recipe.count_per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got a virtual batch of size {_shape_of(part)}"
+            )
+    outputs, means, invstds = [], [], []
+    for (part, part_mask), part_recipe, part_factor in zip(parts, recipes, factors, strict=True):
+        result = _one_batch(
+            xp, part, running_mean, running_var, weight, bias, part_recipe,
+            training=True, factor=part_factor, eps=eps, skip_nonfinite=skip_nonfinite, mask=part_mask, sync=None,
+        )  # fmt: skip
+        running_mean, running_var = result.running_mean, result.running_var
+        outputs.append(result.output)
+        means.append(result.mean)
+        invstds.append(result.invstd)
+    output = outputs[0] if len(outputs) == 1 else xp.concat(outputs, axis=0)
+    return BatchNormResult(output, running_mean, running_var, xp.stack(means), xp.stack(invstds))
+
+
+def _one_batch(
+    xp: ModuleType,
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    recipe: Recipe,
+    *,
+    training: bool,
+    factor: Any,
+    eps: float,
+    skip_nonfinite: bool,
+    mask: Any,
+    sync: Any,
+) -> BatchNormResult:
+    """One batch's forward: the agnostic implementation, or the library's own kernel where it serves."""
     prims = _dispatch.primitives(xp, x, recipe)
+    if training and (mask is not None or sync is not None):
+        result = _agnostic.moments_train_forward(
+            prims, x, running_mean, running_var, weight, bias, recipe,
+            factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, mask=mask, sync=sync,
+        )  # fmt: skip
+        return BatchNormResult(*result)
     native = prims.native
     if native is not None and native.serves_forward(
         x, running_mean, running_var, weight, bias, recipe, training=training
@@ -210,6 +307,9 @@ def batch_norm_backward(
     *,
     training: bool = True,
     axis: int = 1,
+    mask: Any = None,
+    virtual_batch_size: int | None = None,
+    sync: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`batch_norm` with respect to ``x``, ``weight`` and ``bias``.
 
@@ -231,6 +331,15 @@ def batch_norm_backward(
         is then differentiated) or running statistics (constants).
     axis : int, keyword-only
         Channel axis, as in the forward call.
+    mask, virtual_batch_size, sync : keyword-only
+        As in the forward call (they matter in training only). With a mask,
+        ``grad_input`` is 0 at masked-out positions and the sums take the
+        valid values only. With ``virtual_batch_size``, ``mean`` and
+        ``invstd`` are the forward's ``(groups, C)`` arrays and each group is
+        differentiated with its own statistics. With ``sync``, the input
+        gradient uses the sums of every replica (one collective of ``2 C + 1``
+        numbers); ``grad_weight`` and ``grad_bias`` are this replica's shares,
+        which data-parallel training sums like any parameter's gradient.
 
     Returns
     -------
@@ -258,11 +367,66 @@ def batch_norm_backward(
         raise ValueError(f"grad_output must have the shape of x {tuple(x.shape)}, got {tuple(grad_output.shape)}")
     if grad_output.dtype != x.dtype:
         raise TypeError(f"grad_output must have the dtype of x ({x.dtype}), got {grad_output.dtype}")
-    recipe = _checked_recipe(xp, x, axis, weight=weight, mean=mean, invstd=invstd)
+    groups = None
+    if virtual_batch_size is not None and training:
+        recipe = _checked_recipe(xp, x, axis, weight=weight)
+        size = _validate.virtual_batch_size(virtual_batch_size, recipe)
+        if sync is not None:
+            raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
+        groups = _agnostic.ghost_groups(int(x.shape[0]), size)
+        for name, value in (("mean", mean), ("invstd", invstd)):
+            _validate.same_library_and_device(xp, x, value, name)
+            if tuple(value.shape) != (len(groups), recipe.num_channels):
+                raise ValueError(
+                    f"{name} must have shape {(len(groups), recipe.num_channels)} (virtual batches, channels), "
+                    f"as the forward call returned it, got {tuple(value.shape)}"
+                )
+    else:
+        recipe = _checked_recipe(xp, x, axis, weight=weight, mean=mean, invstd=invstd)
+    if mask is not None:
+        _validate.mask_for(xp, x, mask, recipe)
+    if sync is not None:
+        sync = _validate.reducer(sync)
+    if not training:
+        mask = sync = None
+    if groups is not None:
+        grads = [
+            _one_backward(
+                xp, grad_output[(part, ...)], x[(part, ...)], weight, mean[j], invstd[j],
+                make_recipe(tuple(int(n) for n in x[(part, ...)].shape), recipe.channel_axis),
+                training=True, mask=None if mask is None else mask[(part, ...)], sync=None,
+            )  # fmt: skip
+            for j, part in enumerate(groups)
+        ]
+        grad_input = grads[0][0] if len(grads) == 1 else xp.concat([g[0] for g in grads], axis=0)
+        grad_weight, grad_bias = grads[0][1], grads[0][2]
+        for _, more_weight, more_bias in grads[1:]:
+            grad_weight, grad_bias = grad_weight + more_weight, grad_bias + more_bias
+        return grad_input, grad_weight, grad_bias
+    return _one_backward(xp, grad_output, x, weight, mean, invstd, recipe, training=training, mask=mask, sync=sync)
+
+
+def _one_backward(
+    xp: ModuleType,
+    grad_output: Any,
+    x: Any,
+    weight: Any,
+    mean: Any,
+    invstd: Any,
+    recipe: Recipe,
+    *,
+    training: bool,
+    mask: Any,
+    sync: Any,
+) -> tuple[Any, Any, Any]:
     prims = _dispatch.primitives(xp, x, recipe)
     native = prims.native
+    if mask is not None or sync is not None:
+        native = None
     if native is not None and native.serves_backward(grad_output, x, weight, mean, invstd, recipe, training=training):
         grads = native.backward(grad_output, x, weight, mean, invstd)  # the library's own kernel (PyTorch)
         if grads is not None:
             return grads
-    return _agnostic.backward(prims, grad_output, x, weight, mean, invstd, recipe, training=training)
+    return _agnostic.backward(
+        prims, grad_output, x, weight, mean, invstd, recipe, training=training, mask=mask, sync=sync
+    )

@@ -61,6 +61,9 @@ class _SavedForward(NamedTuple):
     mean: Any
     invstd: Any
     batch_statistics: bool
+    mask: Any
+    virtual_batch_size: int | None
+    sync: Any
 
 
 class _Placement(NamedTuple):
@@ -87,6 +90,8 @@ class _BatchNorm:
         device: Any = None,
         dtype: Any = None,
         skip_nonfinite: bool = False,
+        virtual_batch_size: int | None = None,
+        sync: Any = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -102,6 +107,15 @@ class _BatchNorm:
         self.track_running_stats: bool = _validate.flag(track_running_stats, "track_running_stats")
         self.axis: int = int(axis)
         self.skip_nonfinite: bool = _validate.flag(skip_nonfinite, "skip_nonfinite")
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
+                raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+            if virtual_batch_size < 1:
+                raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+            if sync is not None:
+                raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
+        self.virtual_batch_size: int | None = None if virtual_batch_size is None else int(virtual_batch_size)
+        self.sync: Any = None if sync is None else _validate.reducer(sync)
         self.training: bool = True
         self.weight: Any = None
         self.bias: Any = None
@@ -350,7 +364,7 @@ class _BatchNorm:
         return self.train(False)
 
     # --------------------------------------------------------------- forward
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, *, mask: Any = None) -> Any:
         xp = _validate.input_array(x)
         if x.ndim not in self._ranks:
             expected = " or ".join(f"{rank}D" for rank in self._ranks)
@@ -372,12 +386,20 @@ class _BatchNorm:
         running_mean, running_var = state.get("running_mean"), state.get("running_var")
         counter = state.get("num_batches_tracked")
 
-        # PyTorch's _BatchNorm.forward, with the counter bump deferred to the commit.
+        # PyTorch's _BatchNorm.forward, with the counter bump deferred to the commit; each
+        # virtual batch counts as one batch.
+        virtual = self.virtual_batch_size if self.training else None
+        batches = 1 if virtual is None else len(_agnostic.ghost_groups(int(x.shape[0]), virtual))
         factor: Any = 0.0 if self.momentum is None else self.momentum
+        factors: list[Any] | None = None
         updating = self.training and self.track_running_stats
         if updating and counter is not None:
-            counter = xp.asarray(counter + 1)  # asarray: NumPy turns 0-d arithmetic into a scalar
-            factor = _agnostic.update_factor(xp, self.momentum, counter, _agnostic.compute_dtype(xp, x.dtype))
+            dtype = _agnostic.compute_dtype(xp, x.dtype)
+            factors = []
+            for _ in range(batches):
+                counter = xp.asarray(counter + 1)  # asarray: NumPy turns 0-d arithmetic into a scalar
+                factors.append(_agnostic.update_factor(xp, self.momentum, counter, dtype))
+            factor = factors[0]
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
@@ -393,6 +415,10 @@ class _BatchNorm:
             eps=self.eps,
             axis=self.axis,
             skip_nonfinite=self.skip_nonfinite,
+            mask=mask,
+            virtual_batch_size=virtual,
+            sync=self.sync if self.training else None,
+            group_factors=factors if virtual is not None else None,
         )
         if updating:
             state.update(running_mean=result.running_mean, running_var=result.running_var, num_batches_tracked=counter)
@@ -404,6 +430,9 @@ class _BatchNorm:
             detach(xp, result.mean),
             detach(xp, result.invstd),
             use_batch_stats,
+            None if mask is None else detach(xp, mask),
+            virtual,
+            self.sync if self.training else None,
         )
         self._bind(placement, state)
         return result.output
@@ -458,6 +487,9 @@ class _BatchNorm:
             saved.invstd,
             training=saved.batch_statistics,
             axis=self.axis,
+            mask=saved.mask,
+            virtual_batch_size=saved.virtual_batch_size,
+            sync=saved.sync,
         )
         if self.affine:
             self.weight_grad, self.bias_grad = grad_weight, grad_bias
@@ -534,6 +566,16 @@ _PARAMETERS_DOC = """
         channels and ``num_batches_tracked`` update as usual), so one bad
         batch cannot poison the module for good. Default False: PyTorch's
         behaviour.
+    virtual_batch_size : int or None, keyword-only
+        Ghost batch norm: in training, consecutive groups of this many samples
+        (axis 0) are normalized with their own statistics and update the
+        running statistics one after another, each counting as one batch
+        (also for ``momentum=None``); the last group holds what remains. Eval
+        is unchanged.
+    sync : reducer or None, keyword-only
+        Synchronize the training statistics across replicas: a reducer of
+        :mod:`portable_bn.distributed` (``TorchProcessGroup()``,
+        ``JaxAxis(name)``). Eval uses the running statistics and no collective.
 
     Attributes
     ----------
@@ -553,6 +595,13 @@ _PARAMETERS_DOC = """
     succeeded: a call that raises leaves every attribute as it was. Unlike
     PyTorch, an input whose channel count differs from ``num_features`` is
     always rejected, even when the module has no parameters.
+
+    A call takes ``mask=`` (keyword-only), a boolean array of the input's shape
+    without the channel axis, True where valid: batch statistics, the running
+    update and :meth:`backward` then use the valid values only (see
+    :func:`portable_bn.batch_norm`); with running statistics it changes
+    nothing. :meth:`backward` uses the last call's mask, virtual batches and
+    reducer.
 """
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
+from ._compat import device
 from ._recipe import Recipe
 
 
@@ -77,6 +78,33 @@ class Primitives:
         if scale is not None:
             values = values * self._channel(scale, recipe, x)
         return xp.sum(grad, axis=axes), xp.sum(grad * values, axis=axes)
+
+    def masked_first_pass(self, x: Any, recipe: Recipe, shrink: float, mask: Any) -> tuple[Any, Any, Any]:
+        """:meth:`first_pass` over the elements where ``mask`` (broadcast against ``x``) holds:
+        a channel with none gets ``min = +Inf``, ``max = -Inf`` and a sum of 0."""
+        xp, axes = self.xp, recipe.reduce_axes
+        inf = xp.full((), float("inf"), dtype=x.dtype, device=device(x))
+        low = xp.min(xp.where(mask, x, inf), axis=axes)
+        high = xp.max(xp.where(mask, x, -inf), axis=axes)
+        return low, high, xp.sum(xp.where(mask, x * shrink, xp.zeros_like(x)), axis=axes)
+
+    def masked_shifted_sums(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mask: Any) -> tuple[Any, Any]:
+        """:meth:`shifted_sums` over the elements where ``mask`` holds."""
+        xp, axes = self.xp, recipe.reduce_axes
+        values = self._centred(x, recipe, scale, shift)
+        values = xp.where(mask, values, xp.zeros_like(values))
+        return xp.sum(values, axis=axes), xp.sum(values * values, axis=axes)
+
+    def masked_product_sums(
+        self, grad: Any, x: Any, recipe: Recipe, shift: Any, scale: Any, mask: Any
+    ) -> tuple[Any, Any]:
+        """:meth:`product_sums` over the elements where ``mask`` holds."""
+        xp, axes = self.xp, recipe.reduce_axes
+        values = x if shift is None else x - self._channel(shift, recipe, x)
+        if scale is not None:
+            values = values * self._channel(scale, recipe, x)
+        zeros = xp.zeros_like(grad)
+        return xp.sum(xp.where(mask, grad, zeros), axis=axes), xp.sum(xp.where(mask, grad * values, zeros), axis=axes)
 
     def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
         """The fused scale-and-shift ``(x * scale - shift) * mult + add``."""

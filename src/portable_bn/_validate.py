@@ -139,3 +139,37 @@ def parameter_dtype_fits(xp: ModuleType, param_dtype: Any, x_dtype: Any) -> bool
 
 def allowed_parameter_dtypes(xp: ModuleType, x_dtype: Any) -> str:
     return f"{x_dtype} or float32" if _is_half(xp, x_dtype) else f"{x_dtype}"
+
+
+def mask_for(xp: ModuleType, x: Any, mask: Any, recipe: Recipe) -> None:
+    """A boolean array of the library and device of ``x``, of ``x``'s shape without the channel
+    axis (Keras's convention); True marks a valid position."""
+    same_library_and_device(xp, x, mask, "mask")
+    if mask.dtype != xp.bool:
+        raise TypeError(f"mask must be a boolean array (True = valid), got dtype {mask.dtype}")
+    expected = tuple(int(size) for i, size in enumerate(x.shape) if i != recipe.channel_axis)
+    shape = tuple(int(size) if size is not None and size == size else size for size in mask.shape)
+    if shape != expected:
+        raise ValueError(
+            f"mask must have the shape of x without its channel axis {recipe.channel_axis}, {expected}, got {shape}"
+        )
+
+
+def virtual_batch_size(value: Any, recipe: Recipe) -> int:
+    """A positive int, for an input whose batch axis (0) is not the channel axis."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"virtual_batch_size must be a positive int or None, got {value!r}")
+    if recipe.channel_axis == 0:
+        raise ValueError("virtual_batch_size splits the batch axis 0, which is the channel axis here (axis=0)")
+    return int(value)
+
+
+def reducer(sync: Any) -> Any:
+    """A reducer of :mod:`portable_bn.distributed` (``gather``, ``sum`` and ``size``)."""
+    missing = [name for name in ("gather", "sum", "size") if not hasattr(sync, name)]
+    if missing:
+        raise TypeError(
+            "sync must be a reducer such as portable_bn.distributed.TorchProcessGroup() or JaxAxis(name) "
+            f"(with gather, sum and size), got {type(sync).__name__} without {', '.join(missing)}"
+        )
+    return sync

@@ -179,10 +179,11 @@ def _filled(xp: ModuleType, result: Any) -> Any:
     if type(result) is tuple:
         return tuple(_filled(xp, part) for part in result)
     if isinstance(result, ShiftedSums):
+        # *_like: inside shard_map, of the sums' varying type (as the other branch's vectors)
         if result.scale is None:
-            result = result._replace(scale=xp.ones(result.total.shape, dtype=_scale_dtype(result)))
+            result = result._replace(scale=xp.ones_like(result.total, dtype=_scale_dtype(result)))
         if result.shift is None:
-            result = result._replace(shift=xp.zeros(result.total.shape, dtype=_scale_dtype(result)))
+            result = result._replace(shift=xp.zeros_like(result.total, dtype=_scale_dtype(result)))
     return result
 
 

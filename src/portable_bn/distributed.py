@@ -1,0 +1,205 @@
+"""Synchronized batch norm on the engines users already run.
+
+``sync=`` of :func:`portable_bn.batch_norm`, :func:`portable_bn.batch_norm_backward` and the
+modules takes a *reducer*: an object that makes per-channel numbers global across the replicas
+of a data-parallel job. Statistics are merged from each replica's moments ``(count, mean, M2)``
+weighted by its count, so replicas may hold different numbers of samples, none at all, or masks.
+
+A reducer has three members, each a thin call into the engine's own collectives:
+
+- ``gather(array)``: the arrays of every replica stacked, shape ``(R, *array.shape)``, the
+  same on every replica, in replica order (one collective per statistics pass);
+- ``sum(array)``: the elementwise sum over the replicas (one collective per backward);
+- ``size``: R, the number of replicas.
+
+Two adapters ship here; Dask needs none (a Dask array chunked along the batch is already the
+global batch, and its graph runs on a ``dask.distributed`` cluster).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["JaxAxis", "TorchProcessGroup"]
+
+
+class TorchProcessGroup:
+    """A reducer over a ``torch.distributed`` process group.
+
+    Works with every backend ``torch.distributed`` offers for the tensors' device: gloo on
+    the CPU (which ``torch.nn.SyncBatchNorm`` refuses), NCCL on CUDA. The collectives are
+    differentiable: autograd through :func:`portable_bn.batch_norm` or a module gives the
+    synchronized backward (the gradient of a gathered value is summed over the replicas).
+
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        The group to synchronize over; None is the default group
+        (``torch.distributed.init_process_group`` must have run).
+
+    Examples
+    --------
+    >>> import os, torch, torch.distributed as dist
+    >>> import portable_bn as pbn
+    >>> from portable_bn.distributed import TorchProcessGroup
+    >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    >>> dist.init_process_group("gloo", rank=0, world_size=1)
+    >>> bn = pbn.BatchNorm1d(3, xp=torch, sync=TorchProcessGroup())
+    >>> bn(torch.randn(8, 3)).shape
+    torch.Size([8, 3])
+    >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    @property
+    def size(self) -> int:
+        """The number of processes in the group."""
+        import torch.distributed as dist
+
+        return int(dist.get_world_size(self.group))
+
+    def gather(self, array: Any) -> Any:
+        """Every process's ``array`` stacked in rank order: ``(size, *array.shape)``."""
+        import torch
+
+        if torch.is_grad_enabled() and array.requires_grad:
+            return _gather_function().apply(array, self.group)
+        return _all_gather(array, self.group)
+
+    def sum(self, array: Any) -> Any:
+        """The sum of every process's ``array``."""
+        import torch
+
+        if torch.is_grad_enabled() and array.requires_grad:
+            return _sum_function().apply(array, self.group)
+        return _all_reduce(array, self.group)
+
+    def __repr__(self) -> str:
+        return f"TorchProcessGroup(group={self.group!r})"
+
+
+def _all_gather(array: Any, group: Any) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    array = array.detach().contiguous()
+    parts = [torch.empty_like(array) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, array, group=group)
+    return torch.stack(parts)
+
+
+def _all_reduce(array: Any, group: Any) -> Any:
+    import torch.distributed as dist
+
+    total = array.detach().clone(memory_format=_contiguous())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
+def _contiguous() -> Any:
+    import torch
+
+    return torch.contiguous_format
+
+
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def _gather_function() -> Any:
+    """All-gather whose backward sums, over the processes, the gradient of this process's slot."""
+    if "gather" not in _FUNCTIONS:
+        import torch
+        import torch.distributed as dist
+
+        class _Gather(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, array: Any, group: Any) -> Any:
+                ctx.group = group
+                return _all_gather(array, group)
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:
+                total = _all_reduce(grad, ctx.group)
+                return total[dist.get_rank(ctx.group)], None
+
+        _FUNCTIONS["gather"] = _Gather
+    return _FUNCTIONS["gather"]
+
+
+def _sum_function() -> Any:
+    """All-reduce (sum) whose backward is the all-reduce of the gradient."""
+    if "sum" not in _FUNCTIONS:
+        import torch
+
+        class _Sum(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, array: Any, group: Any) -> Any:
+                ctx.group = group
+                return _all_reduce(array, group)
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:
+                return _all_reduce(grad, ctx.group), None
+
+        _FUNCTIONS["sum"] = _Sum
+    return _FUNCTIONS["sum"]
+
+
+class JaxAxis:
+    """A reducer over a named axis of ``jax.shard_map`` or ``jax.pmap``.
+
+    Calls ``jax.lax.all_gather`` and ``jax.lax.psum`` over ``axis_name``, so it works inside
+    the mapped function only; ``jax.grad`` differentiates through it.
+
+    Parameters
+    ----------
+    axis_name : hashable
+        The mapped axis the batch is split over.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import portable_bn as pbn
+    >>> from portable_bn.distributed import JaxAxis
+    >>> mesh = jax.make_mesh((1,), ("batch",))
+    >>> def normalize(x):
+    ...     return pbn.batch_norm(x, training=True, sync=JaxAxis("batch")).output
+    >>> sharded = jax.shard_map(normalize, mesh=mesh, in_specs=P("batch"), out_specs=P("batch"))
+    >>> sharded(jnp.arange(8.0).reshape(4, 2)).shape
+    (4, 2)
+    """
+
+    def __init__(self, axis_name: Any) -> None:
+        self.axis_name = axis_name
+
+    @property
+    def size(self) -> int:
+        """The size of the mapped axis."""
+        import jax
+
+        return int(jax.lax.axis_size(self.axis_name))
+
+    def gather(self, array: Any) -> Any:
+        """Every replica's ``array`` stacked: ``(size, *array.shape)``.
+
+        One ``psum`` of the array placed in its replica's row (zeros elsewhere: adding them is
+        exact), whose result ``shard_map`` knows to be the same on every replica, so values
+        computed from it may leave with ``out_specs=P()``."""
+        import jax
+        import jax.numpy as jnp
+
+        rows = jnp.arange(self.size) == jax.lax.axis_index(self.axis_name)
+        placed = jnp.where(jnp.reshape(rows, (-1,) + (1,) * array.ndim), array[None], jnp.zeros_like(array[None]))
+        return jax.lax.psum(placed, self.axis_name)
+
+    def sum(self, array: Any) -> Any:
+        """The sum of every replica's ``array``."""
+        import jax
+
+        return jax.lax.psum(array, self.axis_name)
+
+    def __repr__(self) -> str:
+        return f"JaxAxis({self.axis_name!r})"
