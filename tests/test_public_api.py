@@ -34,7 +34,10 @@ def test_module_methods_have_examples(method):
 
 def test_functions_take_options_by_keyword_only():
     for func, keyword_only in [
-        (pbn.batch_norm, {"training", "momentum", "eps", "axis", "skip_nonfinite", "mask", "virtual_batch_size", "sync"}),
+        (
+            pbn.batch_norm,
+            {"training", "momentum", "eps", "axis", "skip_nonfinite", "mask", "virtual_batch_size", "sync"},
+        ),
         (pbn.batch_norm_backward, {"training", "axis", "mask", "virtual_batch_size", "sync"}),
         (pbn.BatchNorm2d, {"axis", "xp", "device", "dtype", "skip_nonfinite", "virtual_batch_size", "sync"}),
         (pbn.BatchNorm2d.__call__, {"mask"}),

@@ -1,6 +1,6 @@
 """PyTorch-exact batch normalization on every array-API library."""
 
-from . import distributed
+from . import distributed as distributed
 from ._functional import BatchNormResult, batch_norm, batch_norm_backward
 from ._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 

@@ -709,7 +709,6 @@ def moments_train_forward(
     return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
 
 
-
 class _EvalVectors(NamedTuple):
     mean: Any
     invstd: Any
@@ -931,7 +930,9 @@ def moments_backward(
         else:
             count = recipe.count_per_channel
             uncentred = count > 0 and prims.shortcuts(x_compute)
-            grad_bias, grad_weight = backward_sums(prims, grad, x_compute, mean_c, invstd_c, recipe, uncentred=uncentred)
+            grad_bias, grad_weight = backward_sums(
+                prims, grad, x_compute, mean_c, invstd_c, recipe, uncentred=uncentred
+            )
         own_shares = (_as(xp, grad_weight, param_dtype), _as(xp, grad_bias, param_dtype))
         if sync is not None:
             grad_bias, grad_weight, count = synchronized_sums(xp, sync, grad_bias, grad_weight, count)

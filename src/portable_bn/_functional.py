@@ -390,14 +390,24 @@ def batch_norm_backward(
     if not training:
         mask = sync = None
     if groups is not None:
-        grads = [
-            _one_backward(
-                xp, grad_output[(part, ...)], x[(part, ...)], weight, mean[j], invstd[j],
-                make_recipe(tuple(int(n) for n in x[(part, ...)].shape), recipe.channel_axis),
-                training=True, mask=None if mask is None else mask[(part, ...)], sync=None,
-            )  # fmt: skip
-            for j, part in enumerate(groups)
-        ]
+        grads = []
+        for j, part in enumerate(groups):
+            x_part = x[(part, ...)]
+            part_recipe = make_recipe(tuple(int(n) for n in x_part.shape), recipe.channel_axis)
+            grads.append(
+                _one_backward(
+                    xp,
+                    grad_output[(part, ...)],
+                    x_part,
+                    weight,
+                    mean[j],
+                    invstd[j],
+                    part_recipe,
+                    training=True,
+                    mask=None if mask is None else mask[(part, ...)],
+                    sync=None,
+                )
+            )
         grad_input = grads[0][0] if len(grads) == 1 else xp.concat([g[0] for g in grads], axis=0)
         grad_weight, grad_bias = grads[0][1], grads[0][2]
         for _, more_weight, more_bias in grads[1:]:
