@@ -569,7 +569,7 @@ def local_moments(prims: Primitives, x: Any, recipe: Recipe, *, eps: float, vali
         return moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
 
     def finish(sums: ShiftedSums, verdict: str | None) -> _Checked:
-        return prims.per_channel(_checked, *sums, count=positions, eps=eps, dtype=x.dtype, verdict=verdict)  # type: ignore[no-any-return]
+        return prims.per_channel(_checked, *sums, count=positions, eps=eps, dtype=x.dtype, verdict=verdict)
 
     sums, _ = batch_statistics(prims, x, recipe, finish)
     return moments_from_sums(xp, sums, positions)
