@@ -31,7 +31,7 @@ def emulator():
 
 
 def _run_traced(emulator, fn, vectors, options):
-    signature = [None if v is None else "scalar" if isinstance(v, float) else v.dtype for v in vectors]
+    signature = [None if v is None else "scalar" if isinstance(v, float | int) else v.dtype for v in vectors]
     traced = cuda_trace.trace(fn, signature, options)
     program = traced.program
     kernel = emulator.ElementwiseKernel(
@@ -77,19 +77,25 @@ def _vectors(dtype, seed, *, special=True):
     return values.astype(dtype)
 
 
+def _counts(dtype):
+    """Per-channel counts as masks and replicas give them: none, one, and many values."""
+    return np.array([0, 1, 2, 7, 1000, 0, 3, 1, 64, 5, 2, 9], dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_scale_and_shift(emulator, dtype):
+@pytest.mark.parametrize("counted", ["int", "per channel"])
+def test_scale_and_shift(emulator, dtype, counted):
     rng = np.random.default_rng(0)
     low = (rng.normal(size=12) * 10.0 ** rng.integers(-3, 30, 12)).astype(dtype)
     high = low + np.abs(rng.normal(size=12)).astype(dtype) * low.dtype.type(2.0)
     high[:3] = low[:3]  # constant channels
     low[3], high[4] = -np.inf, np.nan
     total = rng.normal(size=12) * 1e3
+    if counted == "per channel":  # a channel of no value: +Inf and -Inf extremes, a sum of 0
+        low[0], high[0], total[0] = np.inf, -np.inf, 0.0
+    count = 1000 if counted == "int" else _counts(dtype)
     _compare(
-        emulator,
-        _agnostic._scale_and_shift,
-        [low, high, total],
-        {"count": 1000, "shrink": 2.0**-10, "dtype": np.dtype(dtype)},
+        emulator, _agnostic._scale_and_shift, [low, high, total, count], {"shrink": 2.0**-10, "dtype": np.dtype(dtype)}
     )
 
 
@@ -136,18 +142,50 @@ def test_eval_vectors(emulator, dtype, affine):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_backward_vectors(emulator, dtype, training, affine):
+@pytest.mark.parametrize("counted", ["int", "per channel"])
+def test_backward_vectors(emulator, dtype, training, affine, counted):
     mean, invstd = _vectors(dtype, 11), np.abs(_vectors(dtype, 12))
     weight = _vectors(dtype, 13) if affine else None
     grad_bias, grad_weight = _vectors("float64", 14), _vectors("float64", 15)
+    count = 64 if counted == "int" else _counts("float64")
     options = {
-        "count": 64,
         "dtype": np.dtype(dtype),
         "param_dtype": np.dtype(dtype),
         "training": training,
         "short": False,
     }
-    _compare(emulator, _agnostic._backward_vectors, [mean, invstd, weight, grad_bias, grad_weight], options)
+    _compare(emulator, _agnostic._backward_vectors, [mean, invstd, weight, grad_bias, grad_weight, count], options)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("variant", ["full", "no affine, no running", "scaled", "skip"])
+def test_moments_vectors(emulator, dtype, variant):
+    """Masked and synchronized statistics: counts per channel, some of no or one value."""
+    rng = np.random.default_rng(2)
+    count = _counts(dtype)
+    shift = _vectors(dtype, 2)
+    mean = (rng.normal(size=12) * 0.1).astype(dtype) * (count > 0)
+    m2 = (np.abs(rng.normal(size=12)) * count).astype(dtype)
+    weight, bias = _vectors(dtype, 3, special=False), _vectors(dtype, 4, special=False)
+    running_mean, running_var = _vectors(dtype, 5, special=False), np.abs(_vectors(dtype, 6, special=False))
+    scale = None
+    if variant == "no affine, no running":
+        weight = bias = running_mean = running_var = None
+    if variant == "scaled":
+        scale = (2.0 ** rng.integers(-100, 0, 12)).astype(dtype)
+    vectors = [count, shift, mean, m2, scale, weight, bias, running_mean, running_var, 0.1]
+    options = {"eps": 1e-5, "dtype": np.dtype(dtype), "skip_nonfinite": variant == "skip"}
+    _compare(emulator, _agnostic._moments_vectors, vectors, options)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("verdict", [None, "shift", "mean"])
+def test_checked(emulator, dtype, verdict):
+    rng = np.random.default_rng(3)
+    total = rng.normal(size=12) * 3.0
+    squares = total * total / 20 + np.abs(rng.normal(size=12)) * 50.0
+    options = {"count": 20, "eps": 1e-5, "dtype": np.dtype(dtype), "verdict": verdict}
+    _compare(emulator, _agnostic._checked, [_vectors(dtype, 2), total, squares, None], options)
 
 
 def test_a_value_dependent_branch_is_refused():

@@ -241,3 +241,96 @@ def test_shape_shortcut_only_for_plain_array_types():
     assert has_int_shape(X)
     assert not has_int_shape(X.view(Sub))
     assert max_error(pbn.batch_norm(X.view(Sub), training=True).output, expected) <= tolerance("float64")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mask": np.ones((4, 5))}, TypeError, r"mask must be a boolean array \(True = valid\), got dtype float64"),
+        (
+            {"mask": np.ones((4, 3, 5), dtype=bool)},
+            ValueError,
+            r"mask must have the shape of x without its channel axis 1, \(4, 5\), got \(4, 3, 5\)",
+        ),
+        ({"mask": [[True] * 5] * 4}, TypeError, r"mask must be an array of a supported library.*list"),
+        ({"virtual_batch_size": 0}, ValueError, r"virtual_batch_size must be a positive int or None, got 0"),
+        ({"virtual_batch_size": True}, ValueError, r"virtual_batch_size must be a positive int or None, got True"),
+        ({"virtual_batch_size": 2.0}, ValueError, r"virtual_batch_size must be a positive int or None, got 2.0"),
+        (
+            {"virtual_batch_size": 2, "axis": 0, "running_mean": _vec(0.0, n=4), "running_var": _vec(n=4)},
+            ValueError,
+            r"virtual_batch_size splits the batch axis 0",
+        ),
+        (
+            {"virtual_batch_size": 2, "axis": 0, "x": X, "running_mean": None, "running_var": None},
+            ValueError,
+            r"virtual_batch_size splits the batch axis 0",
+        ),
+        ({"virtual_batch_size": 3, "x": X[:4, :, :1]}, ValueError, r"got a virtual batch of size \(1, 3, 1\)"),
+        ({"sync": "gloo"}, TypeError, r"sync must be a reducer such as .*TorchProcessGroup.*got str"),
+    ],
+)
+def test_masked_ghost_and_sync_arguments_are_checked(kwargs, error, match):
+    args = {"x": X, "training": True, "running_mean": _vec(0.0), "running_var": _vec(), **kwargs}
+    x = args.pop("x")
+    snapshot = {k: np.array(v, copy=True) for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error, match=match):
+        pbn.batch_norm(x, **args)
+    for key, value in snapshot.items():
+        np.testing.assert_array_equal(args[key], value)
+
+
+class _Reducer:
+    size = 2
+
+    def gather(self, array):
+        raise AssertionError("no collective may run for an invalid call")
+
+    def sum(self, array):
+        raise AssertionError("no collective may run for an invalid call")
+
+
+def test_ghost_and_sync_cannot_be_combined():
+    with pytest.raises(ValueError, match="virtual_batch_size and sync cannot be combined"):
+        pbn.batch_norm(X, training=True, virtual_batch_size=2, sync=_Reducer())
+    with pytest.raises(ValueError, match="virtual_batch_size and sync cannot be combined"):
+        pbn.BatchNorm1d(3, virtual_batch_size=2, sync=_Reducer())
+
+
+def test_backward_of_virtual_batches_needs_their_statistics():
+    result = pbn.batch_norm(X, training=True, virtual_batch_size=2)
+    with pytest.raises(ValueError, match=r"mean must have shape \(2, 3\) \(virtual batches, channels\).*got \(3,\)"):
+        pbn.batch_norm_backward(np.ones_like(X), X, None, result.mean[0], result.invstd, virtual_batch_size=2)
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        pbn.batch_norm_backward(np.ones_like(X), X, None, result.mean[0], result.invstd[0], mask=np.ones((4, 5)))
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "match"),
+    [
+        (np.ones((4, 3), dtype=bool), ValueError, r"mask must have the shape of x without its channel axis"),
+        (np.ones((4, 5), dtype=np.int8), TypeError, r"mask must be a boolean array"),
+    ],
+)
+def test_module_call_with_a_bad_mask_changes_nothing(mask, error, match):
+    module = pbn.BatchNorm1d(3, xp=np, dtype="float64", sync=_Reducer())
+    module.eval()
+    module(X)  # eval: no collective
+    module.train()
+    snapshot = _snapshot(module)
+    with pytest.raises(error, match=match):
+        module(X, mask=mask)
+    _assert_unchanged(module, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"virtual_batch_size": 0}, ValueError, r"virtual_batch_size must be a positive int or None, got 0"),
+        ({"virtual_batch_size": "4"}, ValueError, r"virtual_batch_size must be a positive int or None, got '4'"),
+        ({"sync": object()}, TypeError, r"sync must be a reducer"),
+    ],
+)
+def test_module_constructor_rejects_bad_ghost_and_sync(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pbn.BatchNorm2d(3, **kwargs)

@@ -70,9 +70,13 @@ def update_factor(xp: ModuleType, momentum: float | None, num_batches_tracked: A
     return 1.0 / xp.astype(num_batches_tracked, dtype)
 
 
-def unbiased_variance(var: Any, count: Any) -> Any:
-    """The running variance takes the unbiased batch variance, ``var * n / (n - 1)`` (PyTorch)."""
-    return var * (count / (count - 1))
+def unbiased_variance(xp: ModuleType, var: Any, count: Any) -> Any:
+    """The running variance takes the unbiased batch variance, ``var * n / (n - 1)`` (PyTorch).
+    (Per-channel counts as arrays divide by at least 1: where ``n < 2`` the running statistics
+    keep their values, see :func:`updated_running_stats`.)"""
+    if not _per_channel(count):
+        return var * (count / (count - 1))
+    return var * (count / xp.maximum(count - 1.0, xp.ones_like(count)))
 
 
 def updated_running_stats(
@@ -97,12 +101,12 @@ def updated_running_stats(
     its old values too (a per-channel ``where``: no host synchronisation)."""
     dtype = batch_mean.dtype
     old_mean, old_var = _as(xp, running_mean, dtype), _as(xp, running_var, dtype)
-    new_var = unbiased_variance(batch_var, count)
+    new_var = unbiased_variance(xp, batch_var, count)
     keep = 1.0 - factor
     updated_mean = keep * old_mean + factor * batch_mean
     updated_var = keep * old_var + factor * new_var
     keep_old = None
-    if not isinstance(count, int):
+    if _per_channel(count):
         keep_old = count < 2.0
     if skip_nonfinite:
         nonfinite = ~(xp.isfinite(batch_mean) & xp.isfinite(new_var))
@@ -216,10 +220,16 @@ def _zero_if_none(xp: ModuleType, value: Any, like: Any) -> Any:
     return xp.zeros_like(like) if value is None else value
 
 
+def _per_channel(count: Any) -> bool:
+    """Whether a count is a vector (per channel, known where the data is) rather than a scalar
+    (a Python int; where the per-channel arithmetic is compiled, a traced scalar of ndim 0)."""
+    return getattr(count, "ndim", 0) > 0
+
+
 def _ratio(xp: ModuleType, part: Any, whole: Any) -> Any:
     """``part / whole``, 0 where ``whole`` is 0 (an empty set merges as nothing)."""
-    if isinstance(whole, int):
-        return part / whole if whole else 0.0
+    if not _per_channel(whole):
+        return 0.0 if isinstance(whole, int) and whole == 0 else part / whole
     quotient = part / xp.maximum(whole, xp.ones_like(whole))
     return xp.where(whole > 0, quotient, xp.zeros_like(quotient))
 
@@ -533,7 +543,7 @@ def valid_positions(xp: ModuleType, mask: Any, recipe: Recipe) -> Any:
 def valid_count(xp: ModuleType, mask: Any, recipe: Recipe, dtype: Any) -> Any:
     """The valid values of each channel (the mask's True count, the same for every channel),
     as a vector of C values of ``dtype``: computed where the data is, no host read."""
-    count = xp.astype(xp.sum(mask), dtype)
+    count = xp.astype(xp.sum(xp.astype(mask, xp.int32)), dtype)
     return xp.zeros((recipe.num_channels,), dtype=dtype, device=device(mask)) + count
 
 

@@ -107,6 +107,11 @@ class Value:
     ) -> None:
         self.program, self.name, self.dtype, self.weak, self.literal = program, name, dtype, weak, literal
 
+    @property
+    def ndim(self) -> int:
+        """0 for a scalar (a Python scalar's, or one computed from scalars only), else 1."""
+        return 0 if self.weak else 1
+
     def __bool__(self) -> bool:
         raise TypeError("a per-channel function branches on a traced value: use xp.where")
 
