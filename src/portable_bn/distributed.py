@@ -39,15 +39,15 @@ class TorchProcessGroup:
 
     Examples
     --------
-    >>> import os, torch, torch.distributed as dist
+    In each process, after ``torch.distributed.init_process_group`` (a complete script that
+    starts its own processes: ``docs/examples/torch_sync.py``):
+
     >>> import portable_bn as pbn
     >>> from portable_bn.distributed import TorchProcessGroup
-    >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    >>> dist.init_process_group("gloo", rank=0, world_size=1)
-    >>> bn = pbn.BatchNorm1d(3, xp=torch, sync=TorchProcessGroup())
-    >>> bn(torch.randn(8, 3)).shape
-    torch.Size([8, 3])
-    >>> dist.destroy_process_group()
+    >>> sync = TorchProcessGroup()          # the default group
+    >>> sync
+    TorchProcessGroup(group=None)
+    >>> bn = pbn.BatchNorm2d(64, sync=sync)  # its training calls are synchronized
     """
 
     def __init__(self, group: Any = None) -> None:
@@ -160,16 +160,16 @@ class JaxAxis:
 
     Examples
     --------
-    >>> import jax, jax.numpy as jnp
-    >>> from jax.sharding import PartitionSpec as P
+    Inside the function that ``jax.shard_map`` maps over a mesh axis ``"batch"`` (a complete
+    script: ``docs/examples/jax_sync.py``):
+
     >>> import portable_bn as pbn
     >>> from portable_bn.distributed import JaxAxis
-    >>> mesh = jax.make_mesh((1,), ("batch",))
-    >>> def normalize(x):
-    ...     return pbn.batch_norm(x, training=True, sync=JaxAxis("batch")).output
-    >>> sharded = jax.shard_map(normalize, mesh=mesh, in_specs=P("batch"), out_specs=P("batch"))
-    >>> sharded(jnp.arange(8.0).reshape(4, 2)).shape
-    (4, 2)
+    >>> sync = JaxAxis("batch")
+    >>> sync
+    JaxAxis('batch')
+    >>> def normalize(x, running_mean, running_var):
+    ...     return pbn.batch_norm(x, running_mean, running_var, training=True, sync=sync)
     """
 
     def __init__(self, axis_name: Any) -> None:
