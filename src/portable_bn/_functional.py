@@ -95,7 +95,7 @@ def batch_norm(
         its running statistics instead of being poisoned for good
         (pytorch#90342). Other channels update normally; the output is not
         changed. Default False: PyTorch's behaviour.
-    mask : boolean array or None, keyword-only
+    mask : array of bool or None, keyword-only
         Shape of ``x`` without the channel axis; True marks valid positions
         (Keras's convention). In training, the statistics, the running update
         (with n the number of valid values) and the backward use the valid

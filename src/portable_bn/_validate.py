@@ -166,7 +166,8 @@ def virtual_batch_size(value: Any, recipe: Recipe) -> int:
 
 def reducer(sync: Any) -> Any:
     """A reducer of :mod:`portable_bn.distributed` (``gather``, ``sum`` and ``size``)."""
-    missing = [name for name in ("gather", "sum", "size") if not hasattr(sync, name)]
+    members = set(dir(type(sync))) | set(getattr(sync, "__dict__", ()))  # not evaluated: size may need the engine
+    missing = [name for name in ("gather", "sum", "size") if name not in members]
     if missing:
         raise TypeError(
             "sync must be a reducer such as portable_bn.distributed.TorchProcessGroup() or JaxAxis(name) "
