@@ -52,7 +52,8 @@ def test_reducers_have_docstrings_with_examples(name):
 
     assert name in distributed.__all__
     doc = inspect.getdoc(getattr(distributed, name)) or ""
-    assert "Examples\n--------\n>>> " in doc and "Parameters\n----------" in doc, name
+    examples = doc.split("Examples\n--------\n", 1)[1]
+    assert "\n>>> " in examples and "Parameters\n----------" in doc, name
 
 
 TESTING_PUBLIC = [name for name in pbn.testing.__all__ if not name.isupper()]  # constants have no docstrings
