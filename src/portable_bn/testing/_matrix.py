@@ -96,7 +96,17 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
         ),
         _HALF,
         gradients="autograd; batch_norm_backward, module.backward()",
-        features=_TORCH_FEATURES,
+        features=(
+            *_TORCH_FEATURES,
+            Feature(
+                "sync= over torch.distributed (gloo, 2 and 3 processes)",
+                "tests/test_distributed.py::test_torch_process_group_matches_one_process",
+            ),
+            Feature(
+                "autograd through mask=",
+                "tests/test_masked_ghost.py::test_torch_autograd_through_a_mask_is_the_analytic_backward",
+            ),
+        ),
     ),
     BackendSpec(
         "jax",
@@ -104,7 +114,16 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
         (DeviceSpec("cpu:0"),),
         _HALF,
         gradients="jax.grad; batch_norm_backward, module.backward()",
-        features=_JAX_FEATURES,
+        features=(
+            *_JAX_FEATURES,
+            Feature(
+                "sync= in shard_map over 4 devices", "tests/test_distributed.py::test_jax_shard_map_matches_unsharded"
+            ),
+            Feature(
+                "mask= and virtual_batch_size= under jax.jit and jax.grad",
+                "tests/test_masked_ghost.py::test_jax_jit_and_grad_with_mask_and_ghost",
+            ),
+        ),
     ),
     BackendSpec(
         "jax_x32",
@@ -121,6 +140,10 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
             Feature("stays lazy: no call computes", "tests/test_dask.py::test_nothing_computes"),
             Feature(
                 "unknown chunk sizes: a clear error", "tests/test_dask.py::test_unknown_chunk_sizes_are_a_clear_error"
+            ),
+            Feature(
+                "computed on a dask.distributed cluster",
+                "tests/test_distributed.py::test_dask_cluster_computes_lazy_graphs_as_numpy",
             ),
         ),
     ),
