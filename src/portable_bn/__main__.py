@@ -88,13 +88,30 @@ timed in turn and each time is the median of several samples.
 Prints the machine and library versions, the backends that were not measured
 and why, a table with a legend of its columns, and a short summary of the
 ratios. Progress goes to standard error. Exit status: 0 when it ran, 1 if no
-backend could be loaded, 2 for a bad option."""
+backend could be loaded, 2 for a bad option.
+
+With --sync (not part of the default run: it starts processes and a local
+cluster, and adds about a minute), then one more table: what synchronized
+batch norm (sync=) costs per call on each engine, on a float32 (32,64,28,28)
+batch split over the replicas. torch.distributed: 2 processes started by the
+bench, joined by gloo over 127.0.0.1, with sync=TorchProcessGroup(); JAX:
+shard_map over 4 CPU devices forced in a child process, under jit, with
+sync=JaxAxis; Dask: a LocalCluster of 2 worker processes on 127.0.0.1 (Dask
+needs no reducer: a chunked array is the global batch). Each row gives the
+collectives of one call with sync, its time, the time of the same call
+without sync (each replica with its own statistics; for Dask, the same graph
+on the threaded scheduler), their difference and ratio (sampled in turn in
+the same run), and the time of the collectives alone. It also says what
+torch.nn.SyncBatchNorm does on the CPU. Each engine runs in child processes
+that are killed after a time limit; engines not installed, or whose processes
+failed, are listed as not measured."""
 
 BENCH_EPILOG = """\
 examples:
   python -m portable_bn bench --quick
   python -m portable_bn bench --backend numpy --shape 32,64,56,56 --dtype float32
-  python -m portable_bn bench --json bench.json --plot bench.png"""
+  python -m portable_bn bench --json bench.json --plot bench.png
+  python -m portable_bn bench --sync-only --json sync.json"""
 
 
 def _positive_int(text: str) -> int:
@@ -168,15 +185,38 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="only (2,4,3,3) and (32,64,56,56), float32, 3 repeats, short samples (seconds, for tests and CI)",
+        help="only (2,4,3,3) and (32,64,56,56), float32, 3 repeats, short samples (seconds, for tests and CI); "
+        "with --sync: a (8,4,4,4) batch",
     )
     bench.add_argument(
         "--repeats",
         type=_positive_int,
         metavar="N",
-        help="samples per timing (the median is kept); default: 21 below 2**20 elements, 7 above",
+        help="samples per timing (the median is kept); default: 21 below 2**20 elements, 7 above; --sync: 21",
     )
-    bench.add_argument("--json", metavar="PATH", help="also write the rows and the machine description as JSON")
+    bench.add_argument(
+        "--sync",
+        action="store_true",
+        help="then also time synchronized batch norm (sync=) on torch.distributed, JAX and Dask, against "
+        "the same calls without sync: one more table (about a minute; not part of the default run)",
+    )
+    bench.add_argument(
+        "--sync-only",
+        action="store_true",
+        help="only the synchronized batch norm table (implies --sync; --backend, --shape and --dtype are ignored)",
+    )
+    bench.add_argument(
+        "--sync-engine",
+        action="append",
+        choices=_bench.SYNC_ENGINES,
+        metavar="NAME",
+        help="time synchronized batch norm only on this engine (repeatable; implies --sync): "
+        + ", ".join(_bench.SYNC_ENGINES)
+        + "; default: all, skipping those not installed",
+    )
+    bench.add_argument(
+        "--json", metavar="PATH", help="also write the rows (and those of --sync) and the machine description as JSON"
+    )
     bench.add_argument("--plot", metavar="PATH", help="also draw the ratios into a PNG (needs matplotlib)")
     return parser
 
@@ -200,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
             json_path=args.json,
             plot_path=args.plot,
+            sync=args.sync,
+            sync_only=args.sync_only,
+            sync_engines=args.sync_engine,
         )
     from ._check import check as run_check
 
