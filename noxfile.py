@@ -155,7 +155,8 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Speed and memory ratios: python -m portable_bn bench [posargs], e.g. -- --quick --json bench.json."""
-    session.install("-e", ".[bench,jax]")
+    """Speed and memory ratios: python -m portable_bn bench [posargs], e.g. -- --quick --json bench.json;
+    -- --sync-only times synchronized batch norm (torch.distributed, JAX, a Dask cluster)."""
+    session.install("-e", ".[bench,jax,dask]")
     install_torch(session, cuda=False)
     session.run("python", "-m", "portable_bn", "bench", *session.posargs)

@@ -12,6 +12,9 @@ Directives:
 ``.. bench-results:: bench/cpu.json``
     From a file written by ``python -m portable_bn bench --json``: the machine, a plot drawn
     with the command's own plotting code, and one table per backend.
+``.. sync-results:: bench/sync.json``
+    From a file written by ``python -m portable_bn bench --sync-only --json``: the machine,
+    the table of synchronized calls per engine, and how each engine was set up.
 """
 
 from __future__ import annotations
@@ -261,8 +264,63 @@ class BenchResults(_Rst):
         return self.render(lines)
 
 
+class SyncResults(_Rst):
+    """The synchronization table of a ``python -m portable_bn bench --sync --json`` file."""
+
+    required_arguments = 1
+    columns = (
+        ("engine", "engine"),
+        ("replicas", "replicas"),
+        ("case", "case"),
+        ("collectives", "collectives per call"),
+        ("sync_ms", "sync ms"),
+        ("local_ms", "local ms"),
+        ("overhead_us", "sync - local us"),
+        ("ratio", "sync / local"),
+        ("alone_ms", "alone ms"),
+        ("bare_ms", "bare collectives ms"),
+    )
+
+    def run(self) -> list[nodes.Node]:
+        path = DOCS / self.arguments[0]
+        self.env.note_dependency(str(path))
+        document = json.loads(path.read_text())
+        sync = document["sync"]
+        shape = "x".join(str(size) for size in sync["settings"]["shape"])
+        lines = [
+            f"Measured on: {_machine_text(document['machine'])}; {sync['settings']['dtype']} input of "
+            f"shape {shape} split along the batch over the replicas.",
+            "",
+            ".. list-table::",
+            "   :header-rows: 1",
+            "",
+            *(f"   {'*' if i == 0 else ' '} - {title}" for i, (_, title) in enumerate(self.columns)),
+        ]
+        for row in sync["rows"]:
+            for i, (key, _) in enumerate(self.columns):
+                lines.append(f"   {'*' if i == 0 else ' '} - {self._cell(key, row.get(key))}")
+        lines += ["", "How each engine ran:", ""]
+        lines += [f"* ``{engine}``: {text}" for engine, text in sync["engines"].items()]
+        for note in sync["notes"]:
+            lines += ["", note]
+        return self.render([*lines, ""])
+
+    @staticmethod
+    def _cell(key: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if key == "ratio":
+            return f"{value:.2f}"
+        if key.endswith("_ms"):
+            return _ms(value)
+        if key.endswith("_us"):
+            return f"{value:.0f}"
+        return f"``{value}``" if key == "collectives" else str(value)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("backend-table", BackendTable)
     app.add_directive("command-output", CommandOutput)
     app.add_directive("bench-results", BenchResults)
+    app.add_directive("sync-results", SyncResults)
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
