@@ -1,7 +1,8 @@
 """Command line: ``python -m portable_bn {check,accuracy,bench}``.
 
 The texts shown by ``--help`` are plain words (argparse prints them as they are), kept in
-the constants below; the work is done by :mod:`._check`, :mod:`._accuracy` and :mod:`._bench`.
+the constants below; the work is done by :mod:`._check`, :mod:`._accuracy`, :mod:`._bench`
+and :mod:`._bench_sync`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _bench
+from . import _bench, _bench_sync
 from .testing import _matrix as _backends
 
 DESCRIPTION = """\
@@ -208,10 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sync-engine",
         action="append",
-        choices=_bench.SYNC_ENGINES,
+        choices=_bench_sync.SYNC_ENGINES,
         metavar="NAME",
         help="time synchronized batch norm only on this engine (repeatable; implies --sync): "
-        + ", ".join(_bench.SYNC_ENGINES)
+        + ", ".join(_bench_sync.SYNC_ENGINES)
         + "; default: all, skipping those not installed",
     )
     bench.add_argument(
