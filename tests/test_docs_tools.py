@@ -68,3 +68,26 @@ def test_committed_bench_results_load_and_cover_every_case(name):
         assert len(cases) == len(mine) == len(_bench.DEFAULT_SHAPES) * len(_bench.DTYPES) * len(_bench.CASES)
         assert all(row.ours_ms > 0 and row.baseline_ms > 0 for row in mine)
         assert all(row.ratio == pytest.approx(row.ours_ms / row.baseline_ms, rel=0.02, abs=0.01) for row in mine)
+
+
+def test_committed_sync_results_cover_every_engine_and_case():
+    """docs/bench/sync.json, shown on the scaling page: every engine, its cases, the collectives
+    synchronization promises (one gather of 4C+1 numbers per forward, one sum of 2C+1 per
+    explicit backward), and differences consistent with the times."""
+    from portable_bn import _bench_sync
+
+    path = DOCS / "bench" / "sync.json"
+    rows = _bench_sync.load_sync_rows(path)
+    assert json.loads(path.read_text())["machine"]["cpu"]
+    channels = _bench_sync.SYNC_SHAPE[1]
+    by_engine = {}
+    for row in rows:
+        by_engine.setdefault(row.engine, set()).add(row.case)
+        assert row.overhead_us == pytest.approx((row.sync_ms - row.local_ms) * 1e3, rel=1e-6)
+        assert row.ratio == pytest.approx(row.sync_ms / row.local_ms, rel=1e-6)
+    assert set(by_engine) == set(_bench_sync.SYNC_ENGINE_NAMES.values())
+    forward = {row.engine: row.collectives for row in rows if row.case == "train"}
+    backward = {row.engine: row.collectives for row in rows if row.case == "backward"}
+    assert forward["torch.distributed"] == f"all_gather({4 * channels + 1})"
+    assert backward["torch.distributed"] == f"all_reduce({2 * channels + 1})"
+    assert backward["jax.shard_map"] == f"all-reduce({2 * channels + 1})"
