@@ -464,3 +464,22 @@ def test_sync_module_with_one_replica_of_one_sample_raises_like_pytorch():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         replicas.run(lambda rank: bn(np.ones((1, 2))))
     assert int(bn.num_batches_tracked) == 0
+
+
+def test_module_backward_after_a_ghost_call_uses_its_groups(vcombo):
+    combo = vcombo
+    x_host = sample((7, 3, 2), seed=47)
+    grad_host = np.random.default_rng(48).normal(size=x_host.shape)
+    bn = pbn.BatchNorm1d(3, xp=combo.library, device=combo.device, dtype=combo.param_dtype, virtual_batch_size=3)
+    x = combo.asarray(x_host)
+    bn(x)
+    grad_input = bn.backward(combo.asarray(grad_host))
+    host = {"running_mean": np.zeros(3), "running_var": np.ones(3), "weight": np.ones(3), "bias": np.zeros(3)}
+    want = ghost_reference(combo.to_numpy(x), combo.to_numpy(combo.asarray(grad_host)), host, 3)
+    assert_checks(
+        [
+            check(combo, "grad_input", grad_input, want["grad_input"], per_channel=False),
+            check(combo, "weight_grad", bn.weight_grad, want["grad_weight"]),
+            check(combo, "bias_grad", bn.bias_grad, want["grad_bias"]),
+        ]
+    )
