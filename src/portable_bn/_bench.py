@@ -1018,15 +1018,15 @@ def bench(
     """
     out = out or sys.stdout
     err = err or sys.stderr
+    if plot_path is not None and sync_only:
+        print("error: --plot draws the per-backend tables, which --sync-only leaves out", file=err)
+        return 2
     if plot_path is not None and not have_matplotlib():
         print(
             "error: --plot needs matplotlib, which is not installed: "
             "pip install matplotlib (or pip install 'portable_bn[bench]')",
             file=err,
         )
-        return 2
-    if plot_path is not None and sync_only:
-        print("error: --plot draws the per-backend tables, which --sync-only leaves out", file=err)
         return 2
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
