@@ -101,7 +101,7 @@ def test_scale_and_shift(emulator, dtype, counted):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("verdict", [None, "shift", "mean"])
-@pytest.mark.parametrize("variant", ["full", "no affine, no running", "scaled", "module factor", "skip"])
+@pytest.mark.parametrize("variant", ["full", "no affine, no running", "scaled", "module factor", "skip", "biased"])
 def test_train_vectors(emulator, dtype, verdict, variant):
     rng = np.random.default_rng(1)
     shift = _vectors(dtype, 2)
@@ -124,6 +124,7 @@ def test_train_vectors(emulator, dtype, verdict, variant):
         "eps": 1e-5,
         "dtype": np.dtype(dtype),
         "skip_nonfinite": variant == "skip",
+        "unbiased": variant != "biased",
         "short": False,
         "verdict": verdict,
     }
@@ -158,7 +159,7 @@ def test_backward_vectors(emulator, dtype, training, affine, counted):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("variant", ["full", "no affine, no running", "scaled", "skip"])
+@pytest.mark.parametrize("variant", ["full", "no affine, no running", "scaled", "skip", "biased"])
 def test_moments_vectors(emulator, dtype, variant):
     """Masked and synchronized statistics: counts per channel, some of no or one value."""
     rng = np.random.default_rng(2)
@@ -174,7 +175,12 @@ def test_moments_vectors(emulator, dtype, variant):
     if variant == "scaled":
         scale = (2.0 ** rng.integers(-100, 0, 12)).astype(dtype)
     vectors = [count, shift, mean, m2, scale, weight, bias, running_mean, running_var, 0.1]
-    options = {"eps": 1e-5, "dtype": np.dtype(dtype), "skip_nonfinite": variant == "skip"}
+    options = {
+        "eps": 1e-5,
+        "dtype": np.dtype(dtype),
+        "skip_nonfinite": variant == "skip",
+        "unbiased": variant != "biased",
+    }
     _compare(emulator, _agnostic._moments_vectors, vectors, options)
 
 

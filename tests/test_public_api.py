@@ -36,11 +36,15 @@ def test_functions_take_options_by_keyword_only():
     for func, keyword_only in [
         (
             pbn.batch_norm,
-            {"training", "momentum", "eps", "axis", "skip_nonfinite", "mask", "virtual_batch_size", "sync"},
+            {"training", "momentum", "eps", "axis", "skip_nonfinite", "mask", "virtual_batch_size", "sync", "unbiased"},
         ),
         (pbn.batch_norm_backward, {"training", "axis", "mask", "virtual_batch_size", "sync"}),
-        (pbn.BatchNorm2d, {"axis", "xp", "device", "dtype", "skip_nonfinite", "virtual_batch_size", "sync"}),
+        (
+            pbn.BatchNorm2d,
+            {"axis", "xp", "device", "dtype", "skip_nonfinite", "virtual_batch_size", "sync", "unbiased"},
+        ),
         (pbn.BatchNorm2d.__call__, {"mask"}),
+        (pbn.BatchNorm2d.load_state_dict, {"prefix"}),
     ]:
         params = inspect.signature(func).parameters
         assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == keyword_only

@@ -148,3 +148,68 @@ def test_eval_mode_leaves_state_alone():
     module.eval()(sample((5, 3), seed=3))
     # Only the mode and what backward() needs from the last call change.
     assert all(vars(module)[k] is v for k, v in before.items() if k not in ("training", "_saved"))
+
+
+def _model_state(rng):
+    layer = {
+        "weight": rng.uniform(0.5, 2.0, 3),
+        "bias": rng.normal(size=3),
+        "running_mean": rng.normal(size=3),
+        "running_var": rng.uniform(0.5, 2.0, 3),
+        "num_batches_tracked": np.asarray(7),
+    }
+    model = {"conv.weight": rng.normal(size=(3, 3, 1)), "head.bn.weight": np.ones(5)}
+    model.update({f"layer1.0.bn1.{key}": value for key, value in layer.items()})
+    return model, layer
+
+
+def test_load_state_dict_takes_one_layer_out_of_a_model_by_prefix():
+    model, layer = _model_state(np.random.default_rng(0))
+    bn = pbn.BatchNorm1d(3, xp=np, dtype="float64")
+    assert bn.load_state_dict(model, prefix="layer1.0.bn1.") == ([], [])
+    for key, value in layer.items():
+        np.testing.assert_array_equal(bn.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("missing", r"missing keys \['layer1.0.bn1.running_var'\], unexpected keys \[\]"),
+        ("unexpected", r"missing keys \[\], unexpected keys \['layer1.0.bn1.extra'\]"),
+    ],
+)
+def test_prefix_keeps_strict_checks_within_the_prefix(change, match):
+    model, _ = _model_state(np.random.default_rng(1))
+    if change == "missing":
+        del model["layer1.0.bn1.running_var"]
+    else:
+        model["layer1.0.bn1.extra"] = np.ones(3)
+    bn = pbn.BatchNorm1d(3, xp=np, dtype="float64")
+    before = {key: np.array(value, copy=True) for key, value in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        bn.load_state_dict(model, prefix="layer1.0.bn1.")
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+    result = bn.load_state_dict(model, strict=False, prefix="layer1.0.bn1.")
+    assert result == ((["layer1.0.bn1.running_var"], []) if change == "missing" else ([], ["layer1.0.bn1.extra"]))
+
+
+def test_prefix_must_be_a_string():
+    with pytest.raises(TypeError, match="prefix must be a str, got int"):
+        pbn.BatchNorm1d(3, xp=np).load_state_dict({}, prefix=1)
+
+
+def test_a_torch_models_state_dict_loads_by_prefix():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3)).double()
+    model(torch.randn(4, 2, 5, 5, dtype=torch.float64))  # one training step updates the statistics
+    bn = pbn.BatchNorm2d(3, xp=np, dtype="float64")
+    assert bn.load_state_dict(model.state_dict(), prefix="1.") == ([], [])
+    np.testing.assert_array_equal(bn.running_var, model[1].running_var.numpy())
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_conversion_errors_name_the_library_in_words():
+    bn = pbn.BatchNorm1d(2, xp=np)
+    with pytest.raises(TypeError, match=r"state_dict\['weight'\] cannot be converted to an array of numpy: "):
+        bn.load_state_dict({"weight": object()}, strict=False)

@@ -89,25 +89,28 @@ def updated_running_stats(
     *,
     count: Any,
     skip_nonfinite: bool,
+    unbiased: bool = True,
 ) -> tuple[Any, Any]:
     """PyTorch's update ``(1 - f) * old + f * new`` in the batch statistics' dtype, the variance
     unbiased; results in the running statistics' dtype.
 
-    ``factor`` is a Python float (momentum) or a 0-d array (:func:`update_factor`). ``count``
-    is a Python int (never below 2 here: the callers check), or per-channel counts known only
-    as arrays (masks, replicas), where a channel of fewer than two values keeps its old values:
-    it has no unbiased variance, and an empty one no statistics (PyTorch's rule for an empty
-    batch). With ``skip_nonfinite``, a channel whose batch mean or variance is NaN or Inf keeps
+    ``factor`` is a Python float (momentum) or a 0-d array (:func:`update_factor`). With
+    ``unbiased=False`` the variance enters biased (Keras, Flax and ONNX store that one).
+    ``count`` is a Python int (never below 2 here: the callers check), or per-channel counts
+    known only as arrays (masks, replicas), where a channel of fewer than two values keeps its
+    old values: it has no unbiased variance, and an empty one no statistics (PyTorch's rule for
+    an empty batch; with ``unbiased=False``, only an empty one). With ``skip_nonfinite``, a
+    channel whose batch mean or variance is NaN or Inf keeps
     its old values too (a per-channel ``where``: no host synchronisation)."""
     dtype = batch_mean.dtype
     old_mean, old_var = _as(xp, running_mean, dtype), _as(xp, running_var, dtype)
-    new_var = unbiased_variance(xp, batch_var, count)
+    new_var = unbiased_variance(xp, batch_var, count) if unbiased else batch_var
     keep = 1.0 - factor
     updated_mean = keep * old_mean + factor * batch_mean
     updated_var = keep * old_var + factor * new_var
     keep_old = None
     if _per_channel(count):
-        keep_old = count < 2.0
+        keep_old = count < (2.0 if unbiased else 1.0)
     if skip_nonfinite:
         nonfinite = ~(xp.isfinite(batch_mean) & xp.isfinite(new_var))
         keep_old = nonfinite if keep_old is None else keep_old | nonfinite
@@ -421,6 +424,7 @@ def _train_vectors(
     eps: float,
     dtype: Any,
     skip_nonfinite: bool,
+    unbiased: bool = True,
     short: bool,
     verdict: str | None,
 ) -> _TrainVectors:
@@ -431,7 +435,7 @@ def _train_vectors(
     moments = moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
     return _vectors_of_moments(
         xp, moments, weight, bias, running_mean, running_var, factor,
-        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, short=short, verdict=verdict,
+        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, unbiased=unbiased, short=short, verdict=verdict,
     )  # fmt: skip
 
 
@@ -447,6 +451,7 @@ def _vectors_of_moments(
     eps: float,
     dtype: Any,
     skip_nonfinite: bool,
+    unbiased: bool = True,
     short: bool,
     verdict: str | None,
 ) -> _TrainVectors:
@@ -470,6 +475,7 @@ def _vectors_of_moments(
             factor,
             count=moments.count,
             skip_nonfinite=skip_nonfinite,
+            unbiased=unbiased,
         )
     return _TrainVectors(mean, invstd, running_mean, running_var, mult, add, short_mult, short_add, short_ok, unsafe)
 
@@ -486,6 +492,7 @@ def train_forward(
     factor: Any,
     eps: float,
     skip_nonfinite: bool,
+    unbiased: bool = True,
 ) -> Result:
     """Normalize with the batch statistics; update the running ones (if given) with ``factor``."""
     xp = prims.xp
@@ -509,6 +516,7 @@ def train_forward(
             eps=eps,
             dtype=dtype,
             skip_nonfinite=skip_nonfinite,
+            unbiased=unbiased,
             short=short,
             verdict=verdict,
         )
@@ -655,10 +663,11 @@ def _moments_vectors(
     eps: float,
     dtype: Any,
     skip_nonfinite: bool,
+    unbiased: bool = True,
 ) -> _TrainVectors:
     return _vectors_of_moments(
         xp, Moments(count, shift, mean, m2, scale), weight, bias, running_mean, running_var, factor,
-        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, short=False, verdict=None,
+        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, unbiased=unbiased, short=False, verdict=None,
     )  # fmt: skip
 
 
@@ -681,6 +690,7 @@ def moments_train_forward(
     factor: Any,
     eps: float,
     skip_nonfinite: bool,
+    unbiased: bool = True,
     mask: Any,
     sync: Any,
 ) -> Result:
@@ -710,6 +720,7 @@ def moments_train_forward(
             eps=eps,
             dtype=dtype,
             skip_nonfinite=skip_nonfinite,
+            unbiased=unbiased,
         )
         output = prims.affine(x_compute, recipe, moments.scale, moments.shift, vectors.mult, vectors.add)
     if valid is not None:
@@ -986,6 +997,7 @@ def _native_train_vectors(
     count: int,
     eps: float,
     skip_nonfinite: bool,
+    unbiased: bool = True,
 ) -> _NativeVectors:
     """Whether a native training result is kept, and the running update from it.
 
@@ -1003,7 +1015,15 @@ def _native_train_vectors(
     if running_mean is not None:
         var = xp.maximum(1.0 / inv2 - eps, xp.zeros_like(inv2))
         running_mean, running_var = updated_running_stats(
-            xp, running_mean, running_var, mean, var, factor, count=count, skip_nonfinite=skip_nonfinite
+            xp,
+            running_mean,
+            running_var,
+            mean,
+            var,
+            factor,
+            count=count,
+            skip_nonfinite=skip_nonfinite,
+            unbiased=unbiased,
         )
     return _NativeVectors(kept, running_mean, running_var)
 
@@ -1021,6 +1041,7 @@ def native_train_forward(
     factor: Any,
     eps: float,
     skip_nonfinite: bool,
+    unbiased: bool = True,
 ) -> Result | None:
     """Training by the backend's whole-op kernel, which computes the output, mean and
     ``invstd``; the running update is :func:`updated_running_stats`'. None where the result is
@@ -1037,6 +1058,7 @@ def native_train_forward(
         count=recipe.count_per_channel,
         eps=eps,
         skip_nonfinite=skip_nonfinite,
+        unbiased=unbiased,
     )
     if not bool(checked.kept):
         return None

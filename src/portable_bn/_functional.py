@@ -59,6 +59,7 @@ def batch_norm(
     eps: float = 1e-5,
     axis: int = 1,
     skip_nonfinite: bool = False,
+    unbiased: bool = True,
     mask: Any = None,
     virtual_batch_size: int | None = None,
     sync: Any = None,
@@ -84,7 +85,7 @@ def batch_norm(
     momentum : float, keyword-only
         Weight of the new batch in the running update:
         ``new = (1 - momentum) * old + momentum * batch``; the variance uses the
-        unbiased batch variance, as PyTorch.
+        unbiased batch variance, as PyTorch (see ``unbiased``).
     eps : float, keyword-only
         Added to the variance before the square root; > 0 in training.
     axis : int, keyword-only
@@ -95,6 +96,11 @@ def batch_norm(
         its running statistics instead of being poisoned for good
         (pytorch#90342). Other channels update normally; the output is not
         changed. Default False: PyTorch's behaviour.
+    unbiased : bool, keyword-only
+        True (PyTorch): the running variance is updated with the unbiased
+        batch variance, ``var * n / (n - 1)``. False: with the biased one, as
+        Keras, Flax and ONNX store it. Normalization uses the biased variance
+        either way.
     mask : array of bool or None, keyword-only
         Shape of ``x`` without the channel axis; True marks valid positions
         (Keras's convention). In training, the statistics, the running update
@@ -162,6 +168,7 @@ def batch_norm(
         eps=eps,
         axis=axis,
         skip_nonfinite=_validate.flag(skip_nonfinite, "skip_nonfinite"),
+        unbiased=_validate.flag(unbiased, "unbiased"),
         mask=mask,
         virtual_batch_size=virtual_batch_size,
         sync=sync,
@@ -181,6 +188,7 @@ def forward(
     eps: Any,
     axis: Any,
     skip_nonfinite: bool = False,
+    unbiased: bool = True,
     mask: Any = None,
     virtual_batch_size: Any = None,
     sync: Any = None,
@@ -214,7 +222,8 @@ def forward(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {_shape_of(x)}")
         return _one_batch(
             xp, x, running_mean, running_var, weight, bias, recipe,
-            training=training, factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, mask=mask, sync=sync,
+            training=training, factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased,
+            mask=mask, sync=sync,
         )  # fmt: skip
     factors = [factor] * len(groups) if group_factors is None else list(group_factors)
     parts = [(x[(part, ...)], None if mask is None else mask[(part, ...)]) for part in groups]
@@ -228,7 +237,8 @@ def forward(
     for (part, part_mask), part_recipe, part_factor in zip(parts, recipes, factors, strict=True):
         result = _one_batch(
             xp, part, running_mean, running_var, weight, bias, part_recipe,
-            training=True, factor=part_factor, eps=eps, skip_nonfinite=skip_nonfinite, mask=part_mask, sync=None,
+            training=True, factor=part_factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased,
+            mask=part_mask, sync=None,
         )  # fmt: skip
         running_mean, running_var = result.running_mean, result.running_var
         outputs.append(result.output)
@@ -253,13 +263,14 @@ def _one_batch(
     skip_nonfinite: bool,
     mask: Any,
     sync: Any,
+    unbiased: bool = True,
 ) -> BatchNormResult:
     """One batch's forward: the agnostic implementation, or the library's own kernel where it serves."""
     prims = _dispatch.primitives(xp, x, recipe)
     if training and (mask is not None or sync is not None):
         result = _agnostic.moments_train_forward(
             prims, x, running_mean, running_var, weight, bias, recipe,
-            factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, mask=mask, sync=sync,
+            factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased, mask=mask, sync=sync,
         )  # fmt: skip
         return BatchNormResult(*result)
     native = prims.native
@@ -270,7 +281,7 @@ def _one_batch(
         if training:
             served = _agnostic.native_train_forward(
                 prims, native, x, running_mean, running_var, weight, bias, recipe,
-                factor=factor, eps=eps, skip_nonfinite=skip_nonfinite,
+                factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased,
             )  # fmt: skip
         else:
             served = _agnostic.native_eval_forward(prims, native, x, running_mean, running_var, weight, bias, eps=eps)
@@ -279,7 +290,7 @@ def _one_batch(
     if training:
         result = _agnostic.train_forward(
             prims, x, running_mean, running_var, weight, bias, recipe,
-            factor=factor, eps=eps, skip_nonfinite=skip_nonfinite,
+            factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased,
         )  # fmt: skip
     else:
         result = _agnostic.eval_forward(prims, x, running_mean, running_var, weight, bias, recipe, eps=eps)

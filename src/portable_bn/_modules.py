@@ -90,6 +90,7 @@ class _BatchNorm:
         device: Any = None,
         dtype: Any = None,
         skip_nonfinite: bool = False,
+        unbiased: bool = True,
         virtual_batch_size: int | None = None,
         sync: Any = None,
     ) -> None:
@@ -107,6 +108,7 @@ class _BatchNorm:
         self.track_running_stats: bool = _validate.flag(track_running_stats, "track_running_stats")
         self.axis: int = int(axis)
         self.skip_nonfinite: bool = _validate.flag(skip_nonfinite, "skip_nonfinite")
+        self.unbiased: bool = _validate.flag(unbiased, "unbiased")
         if virtual_batch_size is not None:
             if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
                 raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
@@ -205,7 +207,9 @@ class _BatchNorm:
         xp = self._placement.xp
         return {key: detach(xp, getattr(self, key)) for key in _STATE if getattr(self, key) is not None}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, *, prefix: str = ""
+    ) -> IncompatibleKeys:
         """Load parameters and buffers from arrays of any supported library.
 
         Values are copied into the module's library, device and dtype (DLPack
@@ -221,6 +225,11 @@ class _BatchNorm:
             is tolerated, as PyTorch does for old checkpoints.
         strict : bool
             If True, missing or unexpected keys raise ValueError.
+        prefix : str, keyword-only
+            Load this layer's entries out of a whole model's state dict: only
+            keys that start with ``prefix`` (``"layer1.0.bn1."``) are read, with
+            it removed; other keys are ignored. Missing and unexpected keys are
+            reported with the prefix, as the model names them.
 
         Returns
         -------
@@ -237,13 +246,24 @@ class _BatchNorm:
         IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         >>> bn.weight
         array([2., 3.], dtype=float32)
+        >>> model = {"conv.weight": np.ones((2, 1, 3)), "bn.weight": np.array([4.0, 5.0]),
+        ...          "bn.bias": np.zeros(2), "bn.running_mean": np.zeros(2), "bn.running_var": np.ones(2)}
+        >>> bn.load_state_dict(model, prefix="bn.")
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        >>> bn.weight
+        array([4., 5.], dtype=float32)
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         strict = _validate.flag(strict, "strict")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__} {prefix!r}")
+        if prefix:
+            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         expected = self._expected_keys()
         missing = [key for key in expected if key not in state_dict and key != "num_batches_tracked"]
         unexpected = [key for key in state_dict if key not in expected]
+        missing, unexpected = [prefix + key for key in missing], [prefix + key for key in unexpected]
         if strict and (missing or unexpected):
             raise ValueError(
                 f"state_dict does not match {type(self).__name__}(affine={self.affine}, "
@@ -287,7 +307,9 @@ class _BatchNorm:
         try:
             out = convert_array(value, xp, dev, target)
         except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise TypeError(f"state_dict[{key!r}] cannot be converted to a {xp.__name__} array: {exc}") from None
+            raise TypeError(
+                f"state_dict[{key!r}] cannot be converted to an array of {describe_namespace(xp)}: {exc}"
+            ) from None
         shape = () if is_counter else (self.num_features,)
         if tuple(out.shape) != shape:
             raise ValueError(f"state_dict[{key!r}] must have shape {shape}, got {tuple(out.shape)}")
@@ -415,6 +437,7 @@ class _BatchNorm:
             eps=self.eps,
             axis=self.axis,
             skip_nonfinite=self.skip_nonfinite,
+            unbiased=self.unbiased,
             mask=mask,
             virtual_batch_size=virtual,
             sync=self.sync if self.training else None,
@@ -566,6 +589,11 @@ _PARAMETERS_DOC = """
         channels and ``num_batches_tracked`` update as usual), so one bad
         batch cannot poison the module for good. Default False: PyTorch's
         behaviour.
+    unbiased : bool, keyword-only
+        True (PyTorch): the running variance is updated with the unbiased
+        batch variance. False: with the biased one, as Keras, Flax and ONNX
+        keep it (with ``momentum=None``: the cumulative average of biased
+        variances). An attribute that ``train()`` and ``eval()`` leave alone.
     virtual_batch_size : int or None, keyword-only
         Ghost batch norm: in training, consecutive groups of this many samples
         (axis 0) are normalized with their own statistics and update the
@@ -582,7 +610,10 @@ _PARAMETERS_DOC = """
     weight, bias : array or None
         Affine parameters (torch: leaf tensors that require grad).
     running_mean, running_var : array or None
-        Running statistics; ``running_var`` is the unbiased estimate, as PyTorch.
+        Running statistics; ``running_var`` is the unbiased estimate, as
+        PyTorch (the biased one with ``unbiased=False``).
+    unbiased : bool
+        The running update's variance convention (see the parameter).
     num_batches_tracked : array or None
         0-d integer counter of training calls.
     training : bool

@@ -59,6 +59,7 @@ def reference_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
+    unbiased: bool = True,
 ) -> dict[str, np.ndarray | None]:
     """``torch.nn.functional.batch_norm`` in float64, with exactly rounded sums.
 
@@ -74,6 +75,9 @@ def reference_batch_norm(
         As for :func:`portable_bn.batch_norm`.
     axis : int, keyword-only
         The channel axis.
+    unbiased : bool, keyword-only
+        The running variance takes the unbiased batch variance (PyTorch) or, if False, the
+        biased one.
 
     Returns
     -------
@@ -104,7 +108,7 @@ def reference_batch_norm(
             mean, var, centered = _exact_statistics(flat)
             if rm is not None and rv is not None:
                 rm = (1 - momentum) * rm + momentum * mean
-                rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
+                rv = (1 - momentum) * rv + momentum * (var * n / (n - 1) if unbiased else var)
     else:
         if rm is None or rv is None:
             raise ValueError("eval needs running statistics")

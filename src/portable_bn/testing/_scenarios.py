@@ -279,6 +279,7 @@ def functional_scenario(
     eps: float = 1e-5,
     seed: int = 0,
     data: np.ndarray | None = None,
+    unbiased: bool = True,
 ) -> Iterator[Check]:
     """One :func:`~portable_bn.batch_norm` call and its backward against the reference.
 
@@ -305,6 +306,8 @@ def functional_scenario(
         Seed of the data and the parameters.
     data : ndarray, optional, keyword-only
         Float64 values of ``shape`` to use instead of :func:`sample`'s.
+    unbiased : bool, keyword-only
+        As for :func:`~portable_bn.batch_norm`.
 
     Yields
     ------
@@ -334,9 +337,11 @@ def functional_scenario(
     }
     arrays: dict[str, Any] = {k: None if v is None else combo.asarray(v, combo.param_dtype) for k, v in args.items()}
     x = combo.asarray(x_host)
-    result = batch_norm(x, **arrays, training=training, momentum=momentum, eps=eps, axis=axis)
+    result = batch_norm(x, **arrays, training=training, momentum=momentum, eps=eps, axis=axis, unbiased=unbiased)
     host = {k: None if v is None else combo.to_numpy(v) for k, v in arrays.items()}
-    expected = reference_batch_norm(combo.to_numpy(x), **host, training=training, momentum=momentum, eps=eps, axis=axis)
+    expected = reference_batch_norm(
+        combo.to_numpy(x), **host, training=training, momentum=momentum, eps=eps, axis=axis, unbiased=unbiased
+    )
     for key in ("output", "running_mean", "running_var", "mean", "invstd"):
         value, want = getattr(result, key), expected[key]
         dtype_name = combo.dtype_name if key == "output" else combo.param_dtype_name
