@@ -770,11 +770,11 @@ def _ratio(value: float) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """A column of the table: its header, its line in the legend and its cell for a row."""
+    """A column of a table: its header, its line in the legend and its cell for a row."""
 
     header: str
     legend: str
-    cell: Callable[[Row], str]
+    cell: Callable[[Any], str]
     left: bool = False
 
 
@@ -840,7 +840,11 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
     """The table: one line per row, aligned, under a header."""
     if not rows:
         return []
-    columns = _columns(rows)
+    return aligned_lines(_columns(rows), rows)
+
+
+def aligned_lines(columns: Sequence[Column], rows: Sequence[Any]) -> list[str]:
+    """A header, a rule and a line per row, each column as wide as its widest entry."""
     cells = [tuple(c.header for c in columns), *(tuple(c.cell(r) for c in columns) for r in rows)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = []

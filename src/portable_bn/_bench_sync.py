@@ -53,9 +53,11 @@ from . import batch_norm, batch_norm_backward
 from ._bench import (
     _KEYS,
     QUICK_REPEATS,
+    Column,
     OtherLoad,
     _number,
     _ratio,
+    aligned_lines,
     host_data,
     interleaved_medians,
     shape_text,
@@ -813,24 +815,14 @@ def _bytes_text(count: int) -> str:
     return f"{count} B"
 
 
-@dataclass(frozen=True)
-class SyncColumn:
-    """A column of the synchronization table: header, legend, cell."""
-
-    header: str
-    legend: str
-    cell: Callable[[SyncRow], str]
-    left: bool = False
-
-
 SYNC_COLUMNS = (
-    SyncColumn("engine", "how the replicas run and communicate (see engines below)", lambda r: r.engine, True),
-    SyncColumn(
+    Column("engine", "how the replicas run and communicate (see engines below)", lambda r: r.engine, True),
+    Column(
         "replicas",
         "processes (torch), devices (JAX) or worker processes (Dask) sharing the batch in equal parts",
         lambda r: str(r.replicas),
     ),
-    SyncColumn(
+    Column(
         "case",
         "train: batch_norm(training=True); backward: batch_norm_backward(training=True) given that "
         "forward's statistics; train+autograd: the training forward and the gradients of sum(output * g) "
@@ -838,7 +830,7 @@ SYNC_COLUMNS = (
         lambda r: r.case,
         True,
     ),
-    SyncColumn(
+    Column(
         "collectives",
         "what one call with sync does between the replicas, recorded while it ran (torch) or read "
         "from the compiled program (JAX): KIND(n) is one collective into which every replica puts n "
@@ -848,62 +840,51 @@ SYNC_COLUMNS = (
         lambda r: r.collectives,
         True,
     ),
-    SyncColumn(
+    Column(
         "sync ms",
         "time per call with sync (Dask: computed on the cluster) in milliseconds, median of the samples",
         lambda r: _number(r.sync_ms),
     ),
-    SyncColumn(
+    Column(
         "local ms",
         "the same call on the same replicas and data without sync, each replica with its own "
         "statistics (Dask: the same graph on the threaded scheduler in one process)",
         lambda r: _number(r.local_ms),
     ),
-    SyncColumn(
+    Column(
         "sync-local us",
         "sync ms minus local ms, in microseconds: what synchronizing costs one call",
         lambda r: f"{r.overhead_us:.1f}",
     ),
-    SyncColumn(
+    Column(
         "sync/local",
         "sync ms divided by local ms; every time of a row is sampled in turn with the others, in the same processes",
         lambda r: _ratio(r.ratio),
     ),
-    SyncColumn(
+    Column(
         "alone ms",
         "the synchronized code path without communicating: sync= a reducer of one replica whose gather and "
         "sum return their input, each replica with its own statistics (without sync, PyTorch's own kernel "
         "serves the forward: alone ms minus local ms is the cost of leaving it)",
         lambda r: _number(r.alone_ms),
     ),
-    SyncColumn(
+    Column(
         "sync-alone us",
         "sync ms minus alone ms, in microseconds: what the communication costs one call",
         lambda r: "-" if r.communication_us is None else f"{r.communication_us:.1f}",
     ),
-    SyncColumn(
+    Column(
         "bare ms",
         "the collectives column's collectives alone, replayed on zeros of the same sizes (Dask: a task "
         "per chunk making 4C+1 (train) or 2C+1 (backward) numbers on its worker, and one stacking them)",
         lambda r: _number(r.bare_ms),
     ),
-    SyncColumn(
+    Column(
         "other CPU",
         "share of the CPUs other processes used while the engine was measured (its child processes are its own)",
         lambda r: "-" if r.other_load is None else f"{r.other_load:.0%}",
     ),
 )
-
-
-def _aligned(headers: Sequence[str], lefts: Sequence[bool], cells: Sequence[Sequence[str]]) -> list[str]:
-    """A header, a rule and the cells, each column as wide as its widest entry."""
-    everything = [tuple(headers), *(tuple(line) for line in cells)]
-    widths = [max(len(line[i]) for line in everything) for i in range(len(headers))]
-    lines = []
-    for line in [everything[0], tuple("-" * w for w in widths), *everything[1:]]:
-        parts = [cell.ljust(w) if left else cell.rjust(w) for cell, w, left in zip(line, widths, lefts, strict=True)]
-        lines.append("  ".join(parts).rstrip())
-    return lines
 
 
 def sync_title(shape: Sequence[int], dtype: str) -> str:
@@ -918,8 +899,7 @@ def sync_table_lines(rows: Sequence[SyncRow]) -> list[str]:
     if not rows:
         return []
     columns = [c for c in SYNC_COLUMNS if c.header == "engine" or any(c.cell(r) != "-" for r in rows)]
-    cells = [[c.cell(r) for c in columns] for r in rows]
-    return _aligned([c.header for c in columns], [c.left for c in columns], cells)
+    return aligned_lines(columns, rows)
 
 
 def sync_legend_lines(rows: Sequence[SyncRow], setups: dict[str, str], notes: Sequence[str]) -> list[str]:
