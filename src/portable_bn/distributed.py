@@ -65,7 +65,7 @@ class TorchProcessGroup:
         import torch
 
         if torch.is_grad_enabled() and array.requires_grad:
-            return _gather_function().apply(array, self.group)
+            return _differentiable("gather").apply(array, self.group)
         return _all_gather(array, self.group)
 
     def sum(self, array: Any) -> Any:
@@ -73,7 +73,7 @@ class TorchProcessGroup:
         import torch
 
         if torch.is_grad_enabled() and array.requires_grad:
-            return _sum_function().apply(array, self.group)
+            return _differentiable("sum").apply(array, self.group)
         return _all_reduce(array, self.group)
 
     def __repr__(self) -> str:
@@ -91,25 +91,24 @@ def _all_gather(array: Any, group: Any) -> Any:
 
 
 def _all_reduce(array: Any, group: Any) -> Any:
+    import torch
     import torch.distributed as dist
 
-    total = array.detach().clone(memory_format=_contiguous())
+    total = torch.clone(array.detach(), memory_format=torch.contiguous_format)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
-
-
-def _contiguous() -> Any:
-    import torch
-
-    return torch.contiguous_format
 
 
 _FUNCTIONS: dict[str, Any] = {}
 
 
-def _gather_function() -> Any:
-    """All-gather whose backward sums, over the processes, the gradient of this process's slot."""
-    if "gather" not in _FUNCTIONS:
+def _differentiable(kind: str) -> Any:
+    """The collective ``kind`` as a ``torch.autograd.Function`` (made on first use):
+
+    - ``"gather"``: all-gather, whose backward sums the gradient of this process's slot over
+      the processes;
+    - ``"sum"``: all-reduce, whose backward is the all-reduce of the gradient."""
+    if not _FUNCTIONS:
         import torch
         import torch.distributed as dist
 
@@ -121,17 +120,7 @@ def _gather_function() -> Any:
 
             @staticmethod
             def backward(ctx: Any, grad: Any) -> Any:
-                total = _all_reduce(grad, ctx.group)
-                return total[dist.get_rank(ctx.group)], None
-
-        _FUNCTIONS["gather"] = _Gather
-    return _FUNCTIONS["gather"]
-
-
-def _sum_function() -> Any:
-    """All-reduce (sum) whose backward is the all-reduce of the gradient."""
-    if "sum" not in _FUNCTIONS:
-        import torch
+                return _all_reduce(grad, ctx.group)[dist.get_rank(ctx.group)], None
 
         class _Sum(torch.autograd.Function):
             @staticmethod
@@ -143,8 +132,8 @@ def _sum_function() -> Any:
             def backward(ctx: Any, grad: Any) -> Any:
                 return _all_reduce(grad, ctx.group), None
 
-        _FUNCTIONS["sum"] = _Sum
-    return _FUNCTIONS["sum"]
+        _FUNCTIONS.update(gather=_Gather, sum=_Sum)
+    return _FUNCTIONS[kind]
 
 
 class JaxAxis:
