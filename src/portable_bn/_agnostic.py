@@ -599,14 +599,19 @@ def synchronized_moments(xp: ModuleType, sync: Any, moments: Moments, *, dtype: 
     way on every replica (:func:`merge_gathered`), so that all hold the same statistics."""
     acc = moments.mean.dtype
     like = moments.mean
-    if isinstance(moments.count, int):
-        count = xp.zeros((1,), dtype=acc, device=device(like)) + float(moments.count)
-    else:
-        count = _as(xp, moments.count[:1], acc)
+    count = _count_entry(xp, moments.count, like)
     shift = xp.zeros_like(like) if moments.shift is None else _as(xp, moments.shift, acc)
     scale = xp.ones_like(like) if moments.scale is None else _as(xp, moments.scale, acc)
     packed = xp.concat([count, shift, like, _as(xp, moments.m2, acc), scale])
     return merge_gathered(xp, sync.gather(packed), dtype=dtype)
+
+
+def _count_entry(xp: ModuleType, count: Any, like: Any) -> Any:
+    """The count (an int, or per-channel counts, all equal) as one number, a ``(1,)`` array of
+    ``like``'s dtype and device: the entry a collective carries."""
+    if isinstance(count, int):
+        return xp.zeros((1,), dtype=like.dtype, device=device(like)) + float(count)
+    return _as(xp, count[:1], like.dtype)
 
 
 def merge_gathered(xp: ModuleType, gathered: Any, *, dtype: Any) -> Moments:
@@ -638,10 +643,7 @@ def synchronized_sums(xp: ModuleType, sync: Any, grad_bias: Any, grad_weight: An
     """The backward's two per-channel sums and the count, over every replica: one
     ``sync.sum`` of ``2 C + 1`` numbers."""
     acc = grad_bias.dtype
-    if isinstance(count, int):
-        count = xp.zeros((1,), dtype=acc, device=device(grad_bias)) + float(count)
-    else:
-        count = _as(xp, count[:1], acc)
+    count = _count_entry(xp, count, grad_bias)
     total = sync.sum(xp.concat([grad_bias, _as(xp, grad_weight, acc), count]))
     channels = grad_bias.shape[0]
     return total[:channels], total[channels : 2 * channels], xp.zeros_like(total[:channels]) + total[2 * channels :]
