@@ -206,13 +206,10 @@ def forward(
         raise ValueError("running_mean and running_var are required when training=False")
     if mask is not None:
         _validate.mask_for(xp, x, mask, recipe)
-    if sync is not None:
-        sync = _validate.reducer(sync)
+    size, sync = _validate.ghost_and_sync(virtual_batch_size, sync)
     groups = None
-    if virtual_batch_size is not None:
-        size = _validate.virtual_batch_size(virtual_batch_size, recipe)
-        if sync is not None:
-            raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
+    if size is not None:
+        _validate.batch_axis_for_virtual_batches(recipe)
         if training:
             groups = _agnostic.ghost_groups(int(x.shape[0]), size)
     if not training:
@@ -226,15 +223,14 @@ def forward(
             mask=mask, sync=sync,
         )  # fmt: skip
     factors = [factor] * len(groups) if group_factors is None else list(group_factors)
-    parts = [(x[(part, ...)], None if mask is None else mask[(part, ...)]) for part in groups]
-    recipes = [make_recipe(tuple(int(n) for n in part.shape), recipe.channel_axis) for part, _ in parts]
-    for (part, part_mask), part_recipe in zip(parts, recipes, strict=True):
+    parts = _virtual_batches(groups, recipe, x, mask)
+    for part, part_mask, part_recipe in parts:
         if part_mask is None and part_recipe.count_per_channel == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got a virtual batch of size {_shape_of(part)}"
             )
     outputs, means, invstds = [], [], []
-    for (part, part_mask), part_recipe, part_factor in zip(parts, recipes, factors, strict=True):
+    for (part, part_mask, part_recipe), part_factor in zip(parts, factors, strict=True):
         result = _one_batch(
             xp, part, running_mean, running_var, weight, bias, part_recipe,
             training=True, factor=part_factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased,
@@ -246,6 +242,17 @@ def forward(
         invstds.append(result.invstd)
     output = outputs[0] if len(outputs) == 1 else xp.concat(outputs, axis=0)
     return BatchNormResult(output, running_mean, running_var, xp.stack(means), xp.stack(invstds))
+
+
+def _virtual_batches(groups: list[slice], recipe: Recipe, *arrays: Any) -> list[tuple[Any, ...]]:
+    """Per virtual batch: each of ``arrays`` sliced along axis 0 (None stays None), and the
+    recipe of the first one's slice."""
+    parts = []
+    for group in groups:
+        sliced = [None if array is None else array[(group, ...)] for array in arrays]
+        shape = (group.stop - group.start, *(int(n) for n in arrays[0].shape[1:]))
+        parts.append((*sliced, make_recipe(shape, recipe.channel_axis)))
+    return parts
 
 
 def _one_batch(
@@ -379,11 +386,10 @@ def batch_norm_backward(
     if grad_output.dtype != x.dtype:
         raise TypeError(f"grad_output must have the dtype of x ({x.dtype}), got {grad_output.dtype}")
     groups = None
-    if virtual_batch_size is not None and training:
+    size, sync = _validate.ghost_and_sync(virtual_batch_size if training else None, sync)
+    if size is not None:
         recipe = _checked_recipe(xp, x, axis, weight=weight)
-        size = _validate.virtual_batch_size(virtual_batch_size, recipe)
-        if sync is not None:
-            raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
+        _validate.batch_axis_for_virtual_batches(recipe)
         groups = _agnostic.ghost_groups(int(x.shape[0]), size)
         for name, value in (("mean", mean), ("invstd", invstd)):
             _validate.same_library_and_device(xp, x, value, name)
@@ -396,29 +402,26 @@ def batch_norm_backward(
         recipe = _checked_recipe(xp, x, axis, weight=weight, mean=mean, invstd=invstd)
     if mask is not None:
         _validate.mask_for(xp, x, mask, recipe)
-    if sync is not None:
-        sync = _validate.reducer(sync)
     if not training:
         mask = sync = None
     if groups is not None:
-        grads = []
-        for j, part in enumerate(groups):
-            x_part = x[(part, ...)]
-            part_recipe = make_recipe(tuple(int(n) for n in x_part.shape), recipe.channel_axis)
-            grads.append(
-                _one_backward(
-                    xp,
-                    grad_output[(part, ...)],
-                    x_part,
-                    weight,
-                    mean[j, ...],
-                    invstd[j, ...],
-                    part_recipe,
-                    training=True,
-                    mask=None if mask is None else mask[(part, ...)],
-                    sync=None,
-                )
+        grads = [
+            _one_backward(
+                xp,
+                grad_part,
+                x_part,
+                weight,
+                mean[j, ...],
+                invstd[j, ...],
+                part_recipe,
+                training=True,
+                mask=mask_part,
+                sync=None,
             )
+            for j, (x_part, grad_part, mask_part, part_recipe) in enumerate(
+                _virtual_batches(groups, recipe, x, grad_output, mask)
+            )
+        ]
         grad_input = grads[0][0] if len(grads) == 1 else xp.concat([g[0] for g in grads], axis=0)
         grad_weight, grad_bias = grads[0][1], grads[0][2]
         for _, more_weight, more_bias in grads[1:]:

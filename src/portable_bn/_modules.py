@@ -109,15 +109,9 @@ class _BatchNorm:
         self.axis: int = int(axis)
         self.skip_nonfinite: bool = _validate.flag(skip_nonfinite, "skip_nonfinite")
         self.unbiased: bool = _validate.flag(unbiased, "unbiased")
-        if virtual_batch_size is not None:
-            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
-                raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
-            if virtual_batch_size < 1:
-                raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
-            if sync is not None:
-                raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
-        self.virtual_batch_size: int | None = None if virtual_batch_size is None else int(virtual_batch_size)
-        self.sync: Any = None if sync is None else _validate.reducer(sync)
+        self.virtual_batch_size: int | None
+        self.sync: Any
+        self.virtual_batch_size, self.sync = _validate.ghost_and_sync(virtual_batch_size, sync)
         self.training: bool = True
         self.weight: Any = None
         self.bias: Any = None

@@ -155,13 +155,26 @@ def mask_for(xp: ModuleType, x: Any, mask: Any, recipe: Recipe) -> None:
         )
 
 
-def virtual_batch_size(value: Any, recipe: Recipe) -> int:
-    """A positive int, for an input whose batch axis (0) is not the channel axis."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"virtual_batch_size must be a positive int or None, got {value!r}")
+def ghost_and_sync(virtual_batch_size: Any, sync: Any) -> tuple[int | None, Any]:
+    """``virtual_batch_size`` (a positive int or None) and ``sync`` (a :func:`reducer` or None),
+    not both: each replica's virtual batches would differ."""
+    size = None
+    if virtual_batch_size is not None:
+        value = virtual_batch_size
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int or None, got {value!r}")
+        size = int(value)
+    if sync is not None:
+        sync = reducer(sync)
+        if size is not None:
+            raise ValueError("virtual_batch_size and sync cannot be combined: each replica's groups would differ")
+    return size, sync
+
+
+def batch_axis_for_virtual_batches(recipe: Recipe) -> None:
+    """Virtual batches split axis 0, which must not be the channel axis."""
     if recipe.channel_axis == 0:
         raise ValueError("virtual_batch_size splits the batch axis 0, which is the channel axis here (axis=0)")
-    return int(value)
 
 
 def reducer(sync: Any) -> Any:
