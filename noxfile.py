@@ -24,7 +24,7 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
-CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask"]
+CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask", "ndonnx"]
 GPU_BACKENDS = ["cupy", "torch_gpu", "jax_gpu"]
 nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lint", "docs_browser"]
 
@@ -32,18 +32,25 @@ TORCH_REQUIREMENT = os.environ.get("PBN_TORCH_REQUIREMENT", "torch==2.13.0")
 TORCH_INDEX_URL = os.environ.get("PBN_TORCH_INDEX_URL", "")
 
 # What each backend needs on top of the package and its test extra:
-# (extras of this package, other requirements).
+# (extras of this package, other requirements). The interop tests (converters, files, ONNX)
+# run where their libraries are installed: Keras on the torch and JAX backends, Flax on JAX,
+# onnx/onnxruntime and safetensors on NumPy and torch.
 REQUIREMENTS: dict[str, tuple[list[str], list[str]]] = {
-    "numpy": ([], []),
+    "numpy": (["onnx", "safetensors"], []),
     "array_api_strict": (["strict"], []),
-    "torch": ([], []),  # installed by install_torch
-    "jax": (["jax"], []),
+    "torch": (["keras", "onnx", "safetensors"], []),  # torch itself: install_torch
+    "jax": (["jax", "keras", "flax"], []),
     "jax_x32": (["jax"], []),  # JAX's default configuration: 64-bit types off
     "dask": (["dask"], []),
+    "ndonnx": (["onnx"], []),
     "cupy": ([], ["cupy-cuda12x"]),
     "torch_gpu": ([], []),  # installed by install_torch (a CUDA build)
     "jax_gpu": ([], ["jax[cuda12]"]),
 }
+KERAS_BACKEND = {"torch": "torch", "jax": "jax"}
+"""The Keras backend of the sessions that install Keras (Keras reads KERAS_BACKEND once, at import)."""
+HYPOTHESIS_PROFILE = {"ndonnx": "few"}
+"""Fewer property-test examples where every array operation builds and runs an ONNX graph."""
 
 
 def install_torch(session: nox.Session, *, cuda: bool) -> None:
@@ -65,7 +72,12 @@ def tests(session: nox.Session, backend: str) -> None:
     session.install("-e", f".[{','.join(['test', *extras])}]", *others)
     if backend in ("torch", "torch_gpu"):
         install_torch(session, cuda=backend == "torch_gpu")
-    session.run("python", "-m", "pytest", *session.posargs, env={"PBN_BACKENDS": backend})
+    env = {"PBN_BACKENDS": backend}
+    if backend in KERAS_BACKEND:
+        env["KERAS_BACKEND"] = KERAS_BACKEND[backend]
+    if backend in HYPOTHESIS_PROFILE:
+        env["PBN_HYPOTHESIS_PROFILE"] = HYPOTHESIS_PROFILE[backend]
+    session.run("python", "-m", "pytest", *session.posargs, env=env)
 
 
 @nox.session
@@ -77,12 +89,15 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-DOCS_EXTRAS = "docs,strict,jax,dask"  # the pages' examples and generated tables use every CPU library
+DOCS_EXTRAS = "docs,strict,jax,dask,keras,flax,onnx,safetensors"  # the pages' examples use every CPU library
+DOCS_ENV = {"KERAS_BACKEND": "jax"}
 
 
 def build_docs(session: nox.Session) -> None:
-    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
-    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest")
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html", env=DOCS_ENV)
+    session.run(
+        "python", "-m", "sphinx", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest", env=DOCS_ENV
+    )
 
 
 @nox.session
@@ -129,7 +144,7 @@ def docs_browser(session: nox.Session) -> None:
 @nox.session
 def check(session: nox.Session) -> None:
     """The main job on every CPU backend: python -m portable_bn check."""
-    session.install("-e", ".[strict,jax,dask]")
+    session.install("-e", ".[strict,jax,dask,onnx]")
     install_torch(session, cuda=False)
     session.run("python", "-m", "portable_bn", "check")
 
@@ -141,7 +156,7 @@ def fuzz(session: nox.Session) -> None:
     Not part of the default sessions (it runs for a long time); failures are saved
     in .hypothesis/ and replayed first on the next run.
     """
-    session.install("-e", ".[test,strict,jax,dask]")
+    session.install("-e", ".[test,strict,jax,dask,onnx]")
     install_torch(session, cuda=False)
     session.run(
         "python",

@@ -339,7 +339,8 @@ def sample_shift(xp: ModuleType, x: Any, recipe: Recipe) -> Any:
     """A guess of each channel's mean: the mean of the batch where a channel has no more values
     than a sample holds, else of a few values (:attr:`~._recipe.Recipe.sample_index`) where
     those are off-centre (``mean**2 > var`` among them), else 0 (no subtraction)."""
-    if recipe.count_per_channel <= SAMPLE_SIZE:
+    count = recipe.count_per_channel
+    if count is not None and count <= SAMPLE_SIZE:
         return xp.mean(x, axis=recipe.reduce_axes)
     sample = x[recipe.sample_index]
     mean = xp.mean(sample, axis=recipe.reduce_axes)
@@ -366,6 +367,7 @@ def prescaled_sums(prims: Primitives, x: Any, recipe: Recipe) -> ShiftedSums:
     up to rounding: the sums correct it), and for a constant channel its exact value. Pass 2
     sums ``x * scale - shift`` and its square: values in ``[-4, 4]``."""
     count = recipe.count_per_channel
+    assert count is not None  # symbolic sizes take the moments route (local_moments)
     shrink = 2.0 ** -(count - 1).bit_length()
     low, high, shrunk_total = prims.first_pass(x, recipe, shrink)
     scale, shift = prims.per_channel(_scale_and_shift, low, high, shrunk_total, count, shrink=shrink, dtype=x.dtype)
@@ -555,6 +557,21 @@ def valid_count(xp: ModuleType, mask: Any, recipe: Recipe, dtype: Any) -> Any:
     return xp.zeros((recipe.num_channels,), dtype=dtype, device=device(mask)) + count
 
 
+def symbolic_count(xp: ModuleType, x: Any, recipe: Recipe, dtype: Any) -> Any:
+    """n for an input with symbolic sizes, as a vector of C values of ``dtype``: counted in the
+    graph (as :func:`valid_count` counts a mask), since the sizes are known only when it runs."""
+    ones = xp.ones_like(x, dtype=xp.int32)
+    return xp.astype(xp.sum(ones, axis=recipe.reduce_axes), dtype)
+
+
+def symbolic_shrink(xp: ModuleType, count: Any) -> Any:
+    """:func:`prescaled_sums`'s ``2**-k`` with ``2**k >= n`` for a count known only as an array:
+    ``2**-ceil(log2 n)`` (a rounded log2 at a power of two gives ``k`` or ``k + 1``: either keeps
+    the sum of ``x * 2**-k`` from overflowing, which is all the shrink is for)."""
+    largest = xp.maximum(xp.max(count), xp.ones_like(count[0]))
+    return xp.pow(xp.full((), 2.0, dtype=count.dtype, device=device(count)), -xp.ceil(xp.log2(largest)))
+
+
 class _Checked(NamedTuple):
     mean: Any
     unsafe: Any
@@ -580,10 +597,17 @@ def local_moments(prims: Primitives, x: Any, recipe: Recipe, *, eps: float, vali
         zeros = xp.sum(x, axis=recipe.reduce_axes)
         return Moments(0 if valid is None else count, None, zeros, zeros, None)
     if valid is not None:
-        shrink = 2.0 ** -(positions - 1).bit_length()
+        assert positions is not None  # forward refuses a mask with symbolic sizes
+        shrink: Any = 2.0 ** -(positions - 1).bit_length()
         low, high, shrunk_total = prims.masked_first_pass(x, recipe, shrink, valid)
         scale, shift = prims.per_channel(_scale_and_shift, low, high, shrunk_total, count, shrink=shrink, dtype=x.dtype)
         total, squares = prims.masked_shifted_sums(x, recipe, scale, shift, valid)
+        return moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
+    if positions is None:  # symbolic sizes: the prescaled route, with n and the shrink as arrays
+        shrink = symbolic_shrink(xp, count)
+        low, high, shrunk_total = prims.first_pass(x, recipe, shrink)
+        scale, shift = prims.per_channel(_scale_and_shift, low, high, shrunk_total, count, shrink=shrink, dtype=x.dtype)
+        total, squares = prims.shifted_sums(x, recipe, scale, shift)
         return moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
 
     def finish(sums: ShiftedSums, verdict: str | None) -> _Checked:
@@ -708,6 +732,8 @@ def moments_train_forward(
         if mask is not None:
             valid = valid_positions(xp, mask, recipe)
             count = valid_count(xp, mask, recipe, dtype)
+        elif recipe.count_per_channel is None:
+            count = symbolic_count(xp, x_compute, recipe, dtype)
         moments = local_moments(prims, x_compute, recipe, eps=eps, valid=valid, count=count)
         if sync is not None:
             moments = synchronized_moments(xp, sync, moments, dtype=dtype)

@@ -201,6 +201,9 @@ def to_numpy(value: Any) -> Any:
         return tensor.numpy()
     if hasattr(value, "get") and type(value).__module__.startswith("cupy"):  # cupy
         return value.get()
+    if hasattr(value, "unwrap_numpy") and type(value).__module__.startswith("ndonnx"):
+        # ndonnx: np.asarray would wrap the array in an object array; only arrays with values unwrap.
+        return value.unwrap_numpy()
     if is_dask_array(value):
         # Loading a state dict is not a forward call; materializing a C-element
         # checkpoint array is the only way to hand it to another library.
@@ -235,6 +238,6 @@ def convert_array(value: Any, xp: ModuleType, dev: Any, dtype: Any) -> Any:
             host = to_numpy(source)
             out = xp.asarray(host, dtype=dtype)
     out = xp.astype(out, dtype)
-    if dev is not None:
+    if dev is not None and device(out) != dev:  # ndonnx has one device and refuses to_device
         out = to_device(out, dev)
     return xp.asarray(out, copy=True)

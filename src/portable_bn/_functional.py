@@ -204,9 +204,11 @@ def forward(
         raise ValueError(f"running_mean and running_var must be given together, got only {given}")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
+    size, sync = _validate.ghost_and_sync(virtual_batch_size, sync)
+    if mask is not None or size is not None:
+        _validate.known_sizes(x, recipe)
     if mask is not None:
         _validate.mask_for(xp, x, mask, recipe)
-    size, sync = _validate.ghost_and_sync(virtual_batch_size, sync)
     groups = None
     if size is not None:
         _validate.batch_axis_for_virtual_batches(recipe)
@@ -274,7 +276,7 @@ def _one_batch(
 ) -> BatchNormResult:
     """One batch's forward: the agnostic implementation, or the library's own kernel where it serves."""
     prims = _dispatch.primitives(xp, x, recipe)
-    if training and (mask is not None or sync is not None):
+    if training and (mask is not None or sync is not None or recipe.count_per_channel is None):
         result = _agnostic.moments_train_forward(
             prims, x, running_mean, running_var, weight, bias, recipe,
             factor=factor, eps=eps, skip_nonfinite=skip_nonfinite, unbiased=unbiased, mask=mask, sync=sync,

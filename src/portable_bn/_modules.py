@@ -23,6 +23,7 @@ from ._compat import (
     namespace_of,
     resolve_namespace,
 )
+from ._convert import ConvertersMixin
 from ._functional import batch_norm_backward, forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
@@ -72,7 +73,7 @@ class _Placement(NamedTuple):
     dtype: Any
 
 
-class _BatchNorm:
+class _BatchNorm(ConvertersMixin):
     """Shared implementation of BatchNorm1d/2d/3d (see :class:`BatchNorm2d`)."""
 
     _ranks: ClassVar[tuple[int, ...]] = ()
@@ -113,6 +114,7 @@ class _BatchNorm:
         self.sync: Any
         self.virtual_batch_size, self.sync = _validate.ghost_and_sync(virtual_batch_size, sync)
         self.training: bool = True
+        self.frozen: bool = False
         self.weight: Any = None
         self.bias: Any = None
         self.running_mean: Any = None
@@ -294,20 +296,105 @@ class _BatchNorm:
             raise ValueError("state_dict holds no array to take the library from; construct the module with xp=")
         return _Placement(xp, dev, _resolve_dtype(xp, self._dtype_request, default=dtype or xp.float32))
 
-    def _converted(self, key: str, value: Any, placement: _Placement) -> Any:
+    def _converted(self, key: str, value: Any, placement: _Placement, *, label: str = "state_dict[{key!r}]") -> Any:
         xp, dev, dtype = placement
         is_counter = key == "num_batches_tracked"
         target = default_integer_dtype(xp, dev) if is_counter else dtype
+        name = label.format(key=key)
         try:
             out = convert_array(value, xp, dev, target)
         except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise TypeError(
-                f"state_dict[{key!r}] cannot be converted to an array of {describe_namespace(xp)}: {exc}"
-            ) from None
+            raise TypeError(f"{name} cannot be converted to an array of {describe_namespace(xp)}: {exc}") from None
         shape = () if is_counter else (self.num_features,)
         if tuple(out.shape) != shape:
-            raise ValueError(f"state_dict[{key!r}] must have shape {shape}, got {tuple(out.shape)}")
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(out.shape)}")
         return as_parameter(xp, out) if key in ("weight", "bias") else out
+
+    def to(self, xp: Any = None, *, device: Any = None, dtype: Any = None) -> _BatchNorm:
+        """Move the parameters and buffers to another library, device or dtype.
+
+        As ``torch.nn.Module.to``: the module's arrays are rebound to copies
+        (DLPack where possible, else a host copy) and the module is returned.
+        Floating arrays take ``dtype``; ``num_batches_tracked`` stays an
+        integer counter (the library's default integer dtype). Mode, eps,
+        momentum, ``unbiased`` and ``frozen`` are kept; on PyTorch, weight and
+        bias are leaf tensors that require grad. Values are copied exactly, so
+        a round trip through another library gives back the same bits (a
+        dtype change rounds, as ``astype`` does). The gradients of the last
+        :meth:`backward` move too; what :meth:`backward` keeps of the last
+        call does not, so call the module again before the next
+        :meth:`backward`.
+
+        Parameters
+        ----------
+        xp : array library, optional
+            ``numpy``, ``torch``, ``cupy``, ``jax.numpy``, ``dask.array`` or
+            ``array_api_strict``; None keeps the current library.
+        device : device, keyword-only, optional
+            A device of that library; None keeps the device within the same
+            library, and otherwise takes the new library's default device
+            (DLPack keeps a GPU array on its GPU).
+        dtype : dtype or str, keyword-only, optional
+            A real floating dtype of the target library (or its name); None
+            keeps the current floating dtype.
+
+        Returns
+        -------
+        same type as self
+            The module itself, for chaining.
+
+        Raises
+        ------
+        TypeError
+            If ``xp`` is not an array library or ``dtype`` not one of its real
+            floating dtypes.
+        ValueError
+            If ``device`` is given for a module whose library is not yet known.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import array_api_strict
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np)
+        >>> _ = bn(np.array([[0.0, 1.0], [2.0, 5.0]], dtype=np.float32))
+        >>> bn.to(array_api_strict).running_var
+        Array([1.1, 1.7], dtype=array_api_strict.float32)
+        >>> bn.to(np, dtype="float64").running_var.dtype
+        dtype('float64')
+        """
+        target = None if xp is None else resolve_namespace(xp)
+        if self._placement is None:
+            if target is None:
+                if device is not None:
+                    raise ValueError("device needs xp: the library is otherwise only known at the first call")
+                if dtype is not None:  # checked against the library at the first call, as the constructor's
+                    self._dtype_request = dtype
+                return self
+            placement = _Placement(target, device, _resolve_dtype(target, dtype, default=target.float32))
+            self._dtype_request = dtype
+            self._bind(placement, self._fresh_state(placement))
+            return self
+        current = self._placement
+        namespace = target or current.xp
+        same_library = namespace is current.xp
+        dev = device if device is not None or not same_library else current.device
+        if dtype is None:
+            dtype = _dtype_name(current.xp, current.dtype)
+        placement = _Placement(namespace, dev, _resolve_dtype(namespace, dtype, default=None))
+        label = f"{type(self).__name__}.{{key}}"
+        state: dict[str, Any] = {
+            key: self._converted(key, getattr(self, key), placement, label=label)
+            for key in _STATE
+            if getattr(self, key) is not None
+        }
+        for key in ("weight_grad", "bias_grad"):
+            grad = getattr(self, key)
+            if grad is not None:
+                state[key] = detach(namespace, self._converted("weight", grad, placement, label=label))
+        state["_saved"] = None
+        self._bind(placement, state)
+        return self
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counter 0 (if tracking).
@@ -379,6 +466,65 @@ class _BatchNorm:
         """
         return self.train(False)
 
+    def freeze(self) -> _BatchNorm:
+        """Freeze the statistics: normalize with the running statistics and update nothing.
+
+        A frozen module behaves as in eval mode whatever :meth:`train` and
+        :meth:`eval` say (they still set ``training``, for the layers around
+        it): no batch statistics, no running update, no counter bump, no
+        synchronization. Weight and bias still get gradients. This is
+        torchvision's ``FrozenBatchNorm2d`` as a state of the ordinary module
+        (its state dicts load with :meth:`load_state_dict`), the usual setting
+        when fine-tuning with small batches.
+
+        Returns
+        -------
+        same type as self
+            The module itself, for chaining.
+
+        Raises
+        ------
+        ValueError
+            If the module keeps no running statistics
+            (``track_running_stats=False``): there is nothing to normalize with.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm1d(2, xp=np).freeze()
+        >>> bn.frozen, bn.training
+        (True, True)
+        >>> bn(np.array([[3.0, 1.0], [5.0, 1.0]], dtype=np.float32))   # running mean 0, variance 1
+        array([[2.999985, 0.999995],
+               [4.999975, 0.999995]], dtype=float32)
+        >>> int(bn.num_batches_tracked)
+        0
+        """
+        if not self.track_running_stats:
+            raise ValueError(
+                f"{type(self).__name__}(track_running_stats=False) cannot be frozen: it keeps no running statistics"
+            )
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> _BatchNorm:
+        """Undo :meth:`freeze`: ``training`` decides again.
+
+        Returns
+        -------
+        same type as self
+            The module itself, for chaining.
+
+        Examples
+        --------
+        >>> import portable_bn as pbn
+        >>> pbn.BatchNorm2d(3).freeze().unfreeze().frozen
+        False
+        """
+        self.frozen = False
+        return self
+
     # --------------------------------------------------------------- forward
     def __call__(self, x: Any, *, mask: Any = None) -> Any:
         xp = _validate.input_array(x)
@@ -403,12 +549,15 @@ class _BatchNorm:
         counter = state.get("num_batches_tracked")
 
         # PyTorch's _BatchNorm.forward, with the counter bump deferred to the commit; each
-        # virtual batch counts as one batch.
-        virtual = self.virtual_batch_size if self.training else None
+        # virtual batch counts as one batch. A frozen module is in eval mode whatever training says.
+        training = self.training and not self.frozen
+        virtual = self.virtual_batch_size if training else None
+        if virtual is not None:
+            _validate.known_sizes(x, recipe)
         batches = 1 if virtual is None else len(_agnostic.ghost_groups(int(x.shape[0]), virtual))
         factor: Any = 0.0 if self.momentum is None else self.momentum
         factors: list[Any] | None = None
-        updating = self.training and self.track_running_stats
+        updating = training and self.track_running_stats
         if updating and counter is not None:
             dtype = _agnostic.compute_dtype(xp, x.dtype)
             factors = []
@@ -416,8 +565,8 @@ class _BatchNorm:
                 counter = xp.asarray(counter + 1)  # asarray: NumPy turns 0-d arithmetic into a scalar
                 factors.append(_agnostic.update_factor(xp, self.momentum, counter, dtype))
             factor = factors[0]
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        if self.training and not self.track_running_stats:
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
             running_mean = running_var = None
         result = forward(
             xp,
@@ -434,7 +583,7 @@ class _BatchNorm:
             unbiased=self.unbiased,
             mask=mask,
             virtual_batch_size=virtual,
-            sync=self.sync if self.training else None,
+            sync=self.sync if training else None,
             group_factors=factors if virtual is not None else None,
         )
         if updating:
@@ -449,7 +598,7 @@ class _BatchNorm:
             use_batch_stats,
             None if mask is None else detach(xp, mask),
             virtual,
-            self.sync if self.training else None,
+            self.sync if training else None,
         )
         self._bind(placement, state)
         return result.output
@@ -512,6 +661,71 @@ class _BatchNorm:
             self.weight_grad, self.bias_grad = grad_weight, grad_bias
         return grad_input
 
+    def to_onnx(self, *, training: bool = False, dynamic_batch: bool = True, shape: Any = None) -> Any:
+        """Export to an ONNX model (``onnx.ModelProto``), which any ONNX runtime runs.
+
+        Eval (``training=False``) exports ONNX's standard ``BatchNormalization``
+        node, which runtimes optimize and fuse, with the running statistics and
+        parameters as initializers named by their state-dict keys (``scale``
+        and ``B`` of ones and zeros without affine); a channels-last module is
+        transposed in and out. Training exports this module's own computation,
+        traced on ``ndonnx`` arrays with a symbolic batch size: PyTorch's
+        normalization and running update, the new running statistics as extra
+        outputs. A module without running statistics exports the training
+        computation in eval too (it normalizes with batch statistics), and a
+        frozen module exports what it computes: its running statistics. The
+        model has one input ``x`` and output ``y`` (then ``running_mean`` and
+        ``running_var``); exporting leaves the module as it is.
+
+        A training graph cannot raise: a batch with one value per channel, which
+        the module refuses, gives the output of a zero variance and keeps the
+        running statistics. A reducer (``sync=``) is not exported: the graph
+        normalizes the batch it is given.
+
+        Parameters
+        ----------
+        training : bool, keyword-only
+            Export the training computation (batch statistics, running update).
+        dynamic_batch : bool, keyword-only
+            Leave the batch size symbolic (``"N"``); False fixes it to
+            ``shape[0]``.
+        shape : tuple of int or None, keyword-only
+            The input's shape, None for a symbolic size; default: every size but
+            the channels symbolic, with the class's lowest rank (2 for
+            :class:`BatchNorm1d`, 4, 5).
+
+        Returns
+        -------
+        onnx.ModelProto
+            Checked by ``onnx.checker``.
+
+        Raises
+        ------
+        ImportError
+            Without onnx (and ndonnx for training): ``pip install 'portable_bn[onnx]'``.
+        ValueError
+            If the module has no parameters yet, or ``shape`` does not fit it.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import onnxruntime
+        >>> import portable_bn as pbn
+        >>> bn = pbn.BatchNorm2d(3, xp=np)
+        >>> _ = bn(np.arange(96, dtype=np.float32).reshape(2, 3, 4, 4))
+        >>> model = bn.eval().to_onnx()
+        >>> [node.op_type for node in model.graph.node]
+        ['BatchNormalization']
+        >>> session = onnxruntime.InferenceSession(model.SerializeToString())
+        >>> x = np.ones((5, 3, 4, 4), dtype=np.float32)
+        >>> (y,) = session.run(None, {"x": x})
+        >>> bool(np.allclose(y, bn(x), atol=1e-6))
+        True
+        """
+        from ._onnx import export
+
+        return export(self, training=training, dynamic_batch=dynamic_batch, shape=shape)
+
     def _check_input_fits(self, xp: ModuleType, x: Any, placement: _Placement) -> None:
         """Name the module, not one parameter, when the input does not fit it."""
         name = type(self).__name__
@@ -532,6 +746,14 @@ class _BatchNorm:
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats})"
         )
+
+
+def _dtype_name(xp: ModuleType, dtype: Any) -> str:
+    """The name of one of ``xp``'s floating dtypes, to find the same dtype in another library."""
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        if getattr(xp, name, None) is not None and dtype == getattr(xp, name):
+            return name
+    raise TypeError(f"dtype {dtype!r} has no counterpart in other libraries")
 
 
 def _resolve_dtype(xp: ModuleType, dtype: Any, *, default: Any) -> Any:
@@ -612,6 +834,9 @@ _PARAMETERS_DOC = """
         0-d integer counter of training calls.
     training : bool
         True after :meth:`train`, False after :meth:`eval`.
+    frozen : bool
+        True after :meth:`freeze`: running statistics are used and kept as
+        they are, whatever ``training`` says.
 
     Notes
     -----

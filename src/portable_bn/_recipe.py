@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -21,11 +22,12 @@ class Recipe(NamedTuple):
     """Every axis but the channel axis."""
     param_shape: tuple[int, ...]
     """Shape that broadcasts a per-channel vector against the input."""
-    count_per_channel: int
-    """n: elements per channel (numel / C)."""
-    outer: int
+    count_per_channel: int | None
+    """n: elements per channel (numel / C); None where a size is symbolic (unknown until the
+    graph runs: ONNX through ndonnx), and n is then an array computed from the data."""
+    outer: int | None
     """A: elements before the channel axis; the input is an ``(A, C, B)`` array in C order."""
-    inner: int
+    inner: int | None
     """B: elements after the channel axis."""
     sample_index: tuple[slice, ...]
     """Index of at most :data:`SAMPLE_SIZE` values of every channel, a block at the start of
@@ -33,29 +35,38 @@ class Recipe(NamedTuple):
 
 
 @lru_cache(maxsize=256)
-def make_recipe(shape: tuple[int, ...], axis: int) -> Recipe:
+def make_recipe(shape: tuple[int | None, ...], axis: int) -> Recipe:
     """Build the recipe for an input of ``shape`` whose channel axis is ``axis``.
 
-    ``shape`` must be fully known and ``axis`` already validated.
+    ``axis`` must be already validated and the channel axis's size known; other sizes may be
+    None (symbolic).
     """
     ndim = len(shape)
     channel_axis = axis % ndim
+    num_channels = shape[channel_axis]
+    assert num_channels is not None  # recipe_for's check
     reduce_axes = tuple(i for i in range(ndim) if i != channel_axis)
-    param_shape = tuple(shape[i] if i == channel_axis else 1 for i in range(ndim))
-    count_per_channel = math.prod(shape[i] for i in reduce_axes)
+    param_shape = tuple(num_channels if i == channel_axis else 1 for i in range(ndim))
     sample_index = [slice(None)] * ndim
     budget = SAMPLE_SIZE
     for i in reversed(reduce_axes):
-        extent = max(1, min(shape[i], budget))
+        size = shape[i]
+        extent = budget if size is None else max(1, min(size, budget))  # a symbolic axis: at most budget
         sample_index[i] = slice(0, extent)
         budget //= extent
     return Recipe(
         channel_axis=channel_axis,
-        num_channels=shape[channel_axis],
+        num_channels=num_channels,
         reduce_axes=reduce_axes,
         param_shape=param_shape,
-        count_per_channel=count_per_channel,
-        outer=math.prod(shape[:channel_axis]),
-        inner=math.prod(shape[channel_axis + 1 :]),
+        count_per_channel=_product(shape[i] for i in reduce_axes),
+        outer=_product(shape[:channel_axis]),
+        inner=_product(shape[channel_axis + 1 :]),
         sample_index=tuple(sample_index),
     )
+
+
+def _product(sizes: Iterable[int | None]) -> int | None:
+    """The product of sizes, None if one is symbolic."""
+    sizes = list(sizes)
+    return None if None in sizes else math.prod(size for size in sizes if size is not None)

@@ -78,7 +78,9 @@ def input_array(x: Any, name: str = "x") -> ModuleType:
         raise ValueError(f"{name} must have at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
     if has_int_shape(x):
         return xp
-    unknown = [i for i, size in enumerate(x.shape) if size is None or (isinstance(size, float) and math.isnan(size))]
+    # None is a symbolic size (ndonnx's graph inputs): n is then computed in the graph.
+    # NaN is Dask's unknown chunk size, which a graph of ours cannot compute without computing.
+    unknown = [i for i, size in enumerate(x.shape) if isinstance(size, float) and math.isnan(size)]
     if unknown:
         raise ValueError(
             f"{name} has unknown size along axis {unknown} (shape {tuple(x.shape)}); batch norm needs every "
@@ -95,8 +97,22 @@ def recipe_for(x: Any, axis: Any) -> Recipe:
         axis = int(axis)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis must be in [-{x.ndim}, {x.ndim}) for a {x.ndim}-D input, got {axis}")
-    shape = tuple(x.shape) if has_int_shape(x) else tuple(int(size) for size in x.shape)
+    if has_int_shape(x):
+        return make_recipe(tuple(x.shape), axis)
+    shape = tuple(None if size is None else int(size) for size in x.shape)
+    if shape[axis] is None:
+        raise ValueError(
+            f"x has a symbolic size along its channel axis {axis} (shape {shape}); the number of channels must be known"
+        )
     return make_recipe(shape, axis)
+
+
+def known_sizes(x: Any, recipe: Recipe) -> None:
+    """What needs the sizes themselves (masks, virtual batches) refuses an input with symbolic ones."""
+    if recipe.count_per_channel is None:
+        raise ValueError(
+            f"x has symbolic sizes (shape {tuple(x.shape)}); mask= and virtual_batch_size= need every size known"
+        )
 
 
 def same_library_and_device(xp: ModuleType, x: Any, value: Any, name: str, x_name: str = "x") -> None:

@@ -300,6 +300,7 @@ class CupyPrimitives(Primitives):
         present = tuple(name for name, value in given.items() if value is not None)
         kernel = _elementwise("affine", present)
         vectors = [_dense(given[name], x.dtype) for name in present]
+        assert recipe.inner is not None  # CuPy arrays have every size
         return kernel(x, *vectors, np.int64(recipe.num_channels), np.int64(recipe.inner))
 
     def grad_input(self, grad: Any, x: Any, recipe: Recipe, k: Any, shift: Any, f: Any, c: Any) -> Any:
@@ -309,6 +310,7 @@ class CupyPrimitives(Primitives):
         present = tuple(name for name, value in given.items() if value is not None)
         kernel = _elementwise("grad_input", present)
         vectors = [_dense(given[name], x.dtype) for name in present]
+        assert recipe.inner is not None
         return kernel(grad, x, *vectors, np.int64(recipe.num_channels), np.int64(recipe.inner))
 
     def per_channel(self, fn: Callable[..., Any], *vectors: Any, **options: Any) -> Any:

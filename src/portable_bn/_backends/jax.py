@@ -63,6 +63,8 @@ def batch_first_layout(shape: tuple[int, ...], recipe: Recipe) -> bool:
     and where both sides of the channel axis have more than one element. Other shapes were not
     measured; the thresholds are the mechanisms' rough bounds."""
     outer, inner = recipe.outer, recipe.inner
+    assert outer is not None
+    assert inner is not None
     if outer < 2 or inner < 2 or outer * recipe.num_channels * inner < LARGE_FROM:
         return False
     return outer * recipe.num_channels < FEW_ROWS or inner < SHORT_ROW

@@ -338,6 +338,8 @@ def _small(x: Any) -> bool:
 
 
 def _setup(x: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, _Tiling]:
+    assert recipe.outer is not None
+    assert recipe.inner is not None
     x3 = x.reshape(recipe.outer, recipe.num_channels, recipe.inner)
     return x3, _tiling(recipe.outer, recipe.num_channels, recipe.inner, x.itemsize)
 

@@ -148,6 +148,18 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
         ),
     ),
     BackendSpec(
+        "ndonnx",
+        "ndonnx (arrays backed by ONNX)",
+        (DeviceSpec("cpu"),),
+        _NO_BFLOAT,
+        features=(
+            Feature(
+                "a symbolic batch size: training and eval exported to ONNX, run by onnxruntime",
+                "tests/test_onnx_export.py::test_exported_model_matches_numpy_for_two_batch_sizes",
+            ),
+        ),
+    ),
+    BackendSpec(
         "cupy",
         "CuPy",
         (DeviceSpec("cuda:0"),),
@@ -230,6 +242,8 @@ class Combination:
         """The device as a short name: ``cpu``, ``meta``, ``cuda``, ``cuda:0``, ``device1``."""
         if self.backend == "cupy":  # a cupy.cuda.Device, whose str is "<CUDA Device 0>"
             return f"cuda:{self.device.id}"
+        if self.backend == "ndonnx":  # its one device object has no short name
+            return "cpu"
         text = str(self.device)
         if text.startswith("array_api_strict.Device("):  # array_api_strict.Device('device1')
             return text.split("'")[1]
@@ -237,7 +251,7 @@ class Combination:
 
     @property
     def id(self) -> str:
-        device = self.device_label if self.backend == "cupy" else self.device
+        device = self.device_label if self.backend in ("cupy", "ndonnx") else self.device
         return f"{self.backend}-{device}-{self.dtype_name}"
 
     @property
@@ -304,6 +318,10 @@ def _dask(c: Combination, data: np.ndarray, dtype: Any) -> Any:
     return c.library.from_array(data.astype(dtype), chunks=chunks)
 
 
+def _ndonnx(c: Combination, data: np.ndarray, dtype: Any) -> Any:
+    return c.library.asarray(np.ascontiguousarray(data), dtype=dtype)
+
+
 def _cupy(c: Combination, data: np.ndarray, dtype: Any) -> Any:
     return c.library.asarray(data, dtype=dtype)
 
@@ -317,6 +335,7 @@ _MAKERS: dict[str, Callable[[Combination, np.ndarray, Any], Any]] = {
     "jax_x32": _jax,
     "jax_gpu": _jax,
     "dask": _dask,
+    "ndonnx": _ndonnx,
     "cupy": _cupy,
 }
 
@@ -428,6 +447,9 @@ def _devices(backend: str) -> tuple[Any, list[Any], bool]:
         return importlib.import_module("jax.numpy"), devices[:1], False
     if backend == "dask":
         return importlib.import_module("dask.array"), ["cpu"], True
+    if backend == "ndonnx":
+        ndx = importlib.import_module("ndonnx")
+        return ndx, [ndx.__array_namespace_info__().default_device()], False
     cp = importlib.import_module("cupy")
     if cupy_device_count(cp) == 0:
         raise BackendUnavailable("cupy: installed but no CUDA device")
