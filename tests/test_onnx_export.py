@@ -213,3 +213,12 @@ def test_symbolic_sizes_refuse_what_needs_them():
     channels = ndx.argument(shape=(2, "C"), dtype=ndx.float32)
     with pytest.raises(ValueError, match="symbolic size along its channel axis 1"):
         pbn.batch_norm(channels, training=True)
+
+
+def test_exported_eval_model_imports_back():
+    module = trained(pbn.BatchNorm2d(3, eps=1e-3, momentum=0.25, xp=np), (4, 3, 2, 2)).eval()
+    back = pbn.BatchNorm2d.from_onnx(module.to_onnx())
+    assert isinstance(back, pbn.BatchNorm2d)
+    assert back.eps == pytest.approx(1e-3) and back.momentum == pytest.approx(0.25) and back.unbiased is False
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        np.testing.assert_array_equal(back.state_dict()[key], module.state_dict()[key])
