@@ -495,9 +495,9 @@ def _to_library(key: str, entry: _Entry, xp: ModuleType, device: Any) -> Any:
 def _dtype_of(xp: ModuleType, device: Any, name: str) -> Any:
     info = xp.__array_namespace_info__()
     try:
-        dtypes = info.dtypes(device=device)
+        dtypes = info.dtypes(device=device, kind=None)  # kind spelled out: ndonnx requires it
     except TypeError:  # some wrappers take no device argument
-        dtypes = info.dtypes()
+        dtypes = info.dtypes(kind=None)
     if name in dtypes:
         return dtypes[name]
     if name not in ("float16", "bfloat16"):
