@@ -79,7 +79,7 @@ def input_array(x: Any, name: str = "x") -> ModuleType:
     if has_int_shape(x):
         return xp
     # None is a symbolic size (ndonnx's graph inputs): n is then computed in the graph.
-    # NaN is Dask's unknown chunk size, which a graph of ours cannot compute without computing.
+    # NaN is Dask's unknown chunk size: learning it would take a compute, which we never start.
     unknown = [i for i, size in enumerate(x.shape) if isinstance(size, float) and math.isnan(size)]
     if unknown:
         raise ValueError(
