@@ -49,8 +49,6 @@ REQUIREMENTS: dict[str, tuple[list[str], list[str]]] = {
 }
 KERAS_BACKEND = {"torch": "torch", "jax": "jax"}
 """The Keras backend of the sessions that install Keras (Keras reads KERAS_BACKEND once, at import)."""
-HYPOTHESIS_PROFILE = {"ndonnx": "few"}
-"""Fewer property-test examples where every array operation builds and runs an ONNX graph."""
 
 
 def install_torch(session: nox.Session, *, cuda: bool) -> None:
@@ -75,8 +73,6 @@ def tests(session: nox.Session, backend: str) -> None:
     env = {"PBN_BACKENDS": backend}
     if backend in KERAS_BACKEND:
         env["KERAS_BACKEND"] = KERAS_BACKEND[backend]
-    if backend in HYPOTHESIS_PROFILE:
-        env["PBN_HYPOTHESIS_PROFILE"] = HYPOTHESIS_PROFILE[backend]
     session.run("python", "-m", "pytest", *session.posargs, env=env)
 
 

@@ -10,9 +10,8 @@ Fixtures
 - ``vcombo``: the combinations that hold values (everything but "meta").
 
 Hypothesis profiles (``PBN_HYPOTHESIS_PROFILE``, default ``ci``): ``ci``
-(25 examples, derandomized: the same examples on every run), ``few`` (5,
-derandomized: nox's ndonnx session, where every array operation runs an ONNX
-graph), ``dev`` (10) and ``fuzz`` (2000, random, failures saved in ``.hypothesis/``).
+(25 examples, derandomized: the same examples on every run), ``dev`` (10)
+and ``fuzz`` (2000, random, failures saved in ``.hypothesis/``).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from portable_bn import testing as _backends
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None)
 settings.register_profile("dev", max_examples=10, deadline=None)
-settings.register_profile("few", max_examples=5, deadline=None, derandomize=True, database=None)
 settings.register_profile("fuzz", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("PBN_HYPOTHESIS_PROFILE", "ci"))
 

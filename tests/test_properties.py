@@ -20,8 +20,9 @@ properties:
 Each test takes the ``vcombo`` fixture (backend, device, dtype) and runs a
 nested ``@given`` property, so that the example count can depend on the
 backend. Counts come from the hypothesis profile (``PBN_HYPOTHESIS_PROFILE``,
-see tests/conftest.py). JAX compiles every new shape and Dask builds and
-computes a graph per call, so they run a fifth of the profile's examples and,
+see tests/conftest.py). JAX compiles every new shape, Dask builds and
+computes a graph per call and ndonnx evaluates a one-node ONNX model per
+operation, so they run a fifth of the profile's examples and,
 except under the ``fuzz`` profile, JAX draws its layouts from a small pool
 that still holds every edge case (see :func:`examples` and :func:`layouts`).
 Data are seeded NumPy noise around a per-channel offset, so a falsifying
@@ -47,7 +48,7 @@ import portable_bn as pbn
 from portable_bn.testing import Combination, ReferenceModule, max_error, reference_batch_norm, tolerance
 
 PROFILE = os.environ.get("PBN_HYPOTHESIS_PROFILE", "ci")
-COST = {"jax": 5, "jax_gpu": 5, "dask": 5}
+COST = {"jax": 5, "jax_gpu": 5, "dask": 5, "ndonnx": 5}
 """Backends that are slow per example run the profile's max_examples / COST."""
 HALF = ("float16", "bfloat16")
 MANTISSA_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
