@@ -10,11 +10,9 @@ from typing import Any, NamedTuple
 from ._agnostic import running_statistics
 from ._compat import convert_array, describe_namespace, device, devices_differ, namespace_of, to_numpy
 from ._modules import _BatchNorm
-from ._validate import is_real_floating
+from ._validate import floating_dtype_name, is_real_floating
 
 __all__ = ["fold", "fuse_conv", "fuse_linear"]
-
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 class _Vectors(NamedTuple):
@@ -87,14 +85,13 @@ def _vectors(bn: Any, xp: ModuleType, like: Any, name: str = "bn") -> _Vectors:
 
 
 def _same_dtype(source: ModuleType, dtype: Any, target: ModuleType) -> Any:
-    for name in _FLOAT_NAMES:
-        mine, theirs = getattr(source, name, None), getattr(target, name, None)
-        if mine is not None and theirs is not None and mine == dtype:  # (NumPy: None == float64)
-            return theirs
-    raise TypeError(
-        f"the module's dtype {dtype} has no counterpart in {describe_namespace(target)}; "
-        "load its state into a module of the weight's library"
-    )
+    theirs = getattr(target, floating_dtype_name(source, dtype), None)
+    if theirs is None:
+        raise TypeError(
+            f"the module's dtype {dtype} has no counterpart in {describe_namespace(target)}; "
+            "load its state into a module of the weight's library"
+        )
+    return theirs
 
 
 def fold(bn: Any) -> tuple[Any, Any]:

@@ -380,7 +380,7 @@ class _BatchNorm(ConvertersMixin):
         same_library = namespace is current.xp
         dev = device if device is not None or not same_library else current.device
         if dtype is None:
-            dtype = _dtype_name(current.xp, current.dtype)
+            dtype = _validate.floating_dtype_name(current.xp, current.dtype)
         placement = _Placement(namespace, dev, _resolve_dtype(namespace, dtype, default=None))
         label = f"{type(self).__name__}.{{key}}"
         state: dict[str, Any] = {
@@ -746,14 +746,6 @@ class _BatchNorm(ConvertersMixin):
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats})"
         )
-
-
-def _dtype_name(xp: ModuleType, dtype: Any) -> str:
-    """The name of one of ``xp``'s floating dtypes, to find the same dtype in another library."""
-    for name in ("float16", "bfloat16", "float32", "float64"):
-        if getattr(xp, name, None) is not None and dtype == getattr(xp, name):
-            return name
-    raise TypeError(f"dtype {dtype!r} has no counterpart in other libraries")
 
 
 def _resolve_dtype(xp: ModuleType, dtype: Any, *, default: Any) -> Any:

@@ -66,6 +66,18 @@ def is_real_floating(xp: ModuleType, dtype: Any) -> bool:
     return answer
 
 
+FLOATING_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def floating_dtype_name(xp: ModuleType, dtype: Any) -> str:
+    """The name of one of ``xp``'s floating dtypes, to find the same dtype in another library."""
+    for name in FLOATING_NAMES:
+        own = getattr(xp, name, None)
+        if own is not None and dtype == own:
+            return name
+    raise TypeError(f"dtype {dtype!r} has no counterpart in other libraries")
+
+
 def input_array(x: Any, name: str = "x") -> ModuleType:
     """The input: an array of a supported library, real floating, rank >= 2,
     with a fully known shape. Returns its namespace."""
