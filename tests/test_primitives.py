@@ -91,6 +91,35 @@ def test_reductions_equal_the_pure_ones(vcombo, shape, axis):
         _sums_close(vcombo.to_numpy(got[1]), vcombo.to_numpy(want[1]), bound, vcombo.dtype_name, "sum(g * x)")
 
 
+def _block_statistics(combo, moments, count):
+    """Mean and biased variance of a block-moments result, in the input's units, on the host."""
+    shift, mean, m2, scale = (None if v is None else np.asarray(combo.to_numpy(v), dtype=np.float64) for v in moments)
+    scale = np.ones_like(mean) if scale is None else scale
+    mean = mean if shift is None else shift + mean
+    return mean / scale, m2 / count / scale / scale
+
+
+@pytest.mark.parametrize(("shape", "axis"), SHAPES)
+def test_block_moments_equal_the_pure_ones_and_the_reference(vcombo, shape, axis):
+    """The block-moments primitive (a compiled kernel where the backend has one) gives the
+    mean and variance of the pure primitive and of the float64 reference, to the dtype's
+    tolerance, and its scale is a power of two."""
+    _full(vcombo)
+    x, _, recipe, prims, pure = _setup(vcombo, shape, axis, seed=7)
+    count, ref_mean, ref_m2 = reference_moments(vcombo.to_numpy(x), axis=axis)
+    ref_var = ref_m2 / count
+    tol = tolerance(vcombo.dtype_name)
+    for primitives in (prims, pure):
+        got = primitives.block_moments(x, recipe)
+        if got[3] is not None:
+            mantissa, _ = np.frexp(np.asarray(vcombo.to_numpy(got[3]), dtype=np.float64))
+            assert np.all(mantissa == 0.5), "scale: powers of two"
+        mean, var = _block_statistics(vcombo, got, count)
+        spread = np.maximum(np.abs(ref_mean), np.sqrt(ref_var))
+        assert np.all(np.abs(mean - ref_mean) <= tol * spread), primitives
+        assert np.all(np.abs(var - ref_var) <= tol * ref_var), primitives
+
+
 @pytest.mark.parametrize(("shape", "axis"), SHAPES)
 def test_elementwise_primitives_equal_the_pure_ones(vcombo, shape, axis):
     _full(vcombo)

@@ -330,6 +330,25 @@ def batch_statistics(
     )
 
 
+def one_read_moments(prims: Primitives, x: Any, recipe: Recipe, count: Any) -> Moments:
+    """The moments of a non-empty batch ``x`` (in its compute dtype) from the backend's compiled
+    block-moments kernel (``prims.one_read(x)``): exact on any data in one read, so no route is
+    chosen and nothing verified. They are taken about their mean rounded to the dtype, the
+    value the output subtracts (:func:`_about_the_mean`)."""
+    shift, mean, m2, scale = prims.block_moments(x, recipe)
+    shift, mean = prims.per_channel(_about_the_mean, shift, mean, dtype=x.dtype)
+    return Moments(count, shift, mean, m2, scale)
+
+
+def _about_the_mean(xp: ModuleType, shift: Any, mean: Any, *, dtype: Any) -> tuple[Any, Any]:
+    """A mean about ``shift`` (None: 0) retaken about itself rounded to ``dtype``: that value,
+    and the mean's remainder (the difference of two close numbers: exact)."""
+    rounded = _as(xp, mean if shift is None else shift + mean, dtype)
+    if shift is None:
+        return rounded, mean - _as(xp, rounded, mean.dtype)
+    return rounded, (shift - _as(xp, rounded, shift.dtype)) + mean
+
+
 def shifted_sums(prims: Primitives, x: Any, recipe: Recipe, scale: Any, shift: Any) -> ShiftedSums:
     total, squares = prims.shifted_sums(x, recipe, scale, shift)
     return ShiftedSums(shift, total, squares, scale)
@@ -525,11 +544,20 @@ def train_forward(
 
     short = prims.eager and prims.shortcuts(x_compute)
     with prims.quiet():
-        sums, vectors = batch_statistics(prims, x_compute, recipe, finish)
+        if prims.one_read(x_compute):
+            moments = one_read_moments(prims, x_compute, recipe, count)
+            vectors = prims.per_channel(
+                _moments_vectors, *moments, weight, bias, running_mean, running_var, factor,
+                eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, unbiased=unbiased, short=short,
+            )  # fmt: skip
+            scale, shift = moments.scale, moments.shift
+        else:
+            sums, vectors = batch_statistics(prims, x_compute, recipe, finish)
+            scale, shift = sums.scale, sums.shift
         if short and bool(vectors.short):
             output = prims.affine(x_compute, recipe, None, None, vectors.short_mult, vectors.short_add)
         else:
-            output = prims.affine(x_compute, recipe, sums.scale, sums.shift, vectors.mult, vectors.add)
+            output = prims.affine(x_compute, recipe, scale, shift, vectors.mult, vectors.add)
     if running_mean is not None:
         running_mean, running_var = vectors.running_mean, vectors.running_var
     return Result(_as(xp, output, x.dtype), running_mean, running_var, vectors.mean, vectors.invstd)
@@ -609,6 +637,9 @@ def local_moments(prims: Primitives, x: Any, recipe: Recipe, *, eps: float, vali
         scale, shift = prims.per_channel(_scale_and_shift, low, high, shrunk_total, count, shrink=shrink, dtype=x.dtype)
         total, squares = prims.shifted_sums(x, recipe, scale, shift)
         return moments_from_sums(xp, ShiftedSums(shift, total, squares, scale), count)
+
+    if prims.one_read(x):
+        return one_read_moments(prims, x, recipe, positions)
 
     def finish(sums: ShiftedSums, verdict: str | None) -> _Checked:
         return prims.per_channel(_checked, *sums, count=positions, eps=eps, dtype=x.dtype, verdict=verdict)
@@ -690,10 +721,11 @@ def _moments_vectors(
     dtype: Any,
     skip_nonfinite: bool,
     unbiased: bool = True,
+    short: bool = False,
 ) -> _TrainVectors:
     return _vectors_of_moments(
         xp, Moments(count, shift, mean, m2, scale), weight, bias, running_mean, running_var, factor,
-        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, unbiased=unbiased, short=False, verdict=None,
+        eps=eps, dtype=dtype, skip_nonfinite=skip_nonfinite, unbiased=unbiased, short=short, verdict=None,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ exactly the sums or the elementwise form it names, to rounding.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
@@ -37,6 +38,8 @@ class Primitives:
     synchronisation) and value-less devices take the route that needs no choice."""
     native: NativeKernels | None = None
     """A whole-op kernel of the library itself, with the same contract (PyTorch's), or None."""
+    accelerator: str | None = None
+    """The compiler of the backend's kernels (``"numba"``, ``"triton"``), or None."""
 
     def __init__(self, xp: ModuleType) -> None:
         self.xp = xp
@@ -59,6 +62,54 @@ class Primitives:
         """A context for the arithmetic of one call: NumPy leaves out its floating-point warnings,
         which the algorithm's own checks stand in for."""
         return contextlib.nullcontext()
+
+    def one_read(self, x: Any) -> bool:
+        """Whether :meth:`block_moments` is a compiled kernel for ``x`` that reads it once: the
+        statistics then need no other route and no verdict."""
+        return False
+
+    def block_moments(self, x: Any, recipe: Recipe) -> tuple[Any, Any, Any, Any]:
+        """Per channel, a ``shift`` close to the mean of ``x * scale`` (None: 0), the mean of
+        ``x * scale - shift``, its M2, and the power of two ``scale`` (None: 1).
+
+        Blocks are taken one at a time: here each ``(a, c)`` row of the ``(A, C, B)`` view (a
+        kernel's blocks may differ). A block's largest magnitude gives an exact power-of-two
+        scale (``2**-floor(log2(max|x|))`` above 1, stopping at the dtype's smallest normal
+        exponent), its mean and M2 are taken in two passes (the mean, then the sums of the
+        deviations from it and of their squares), and a constant block's exactly. Blocks merge
+        at the channel's finest scale (Chan, Golub and LeVeque's formula, written for all rows
+        at once) about the first block's mean: each block's mean about it is the difference of
+        two close numbers, exact, plus its deviations' mean, so no digit is lost however far
+        the data are from zero. Computed in the input's dtype."""
+        xp = self.xp
+        assert recipe.outer is not None  # known sizes
+        assert recipe.inner is not None
+        inner = recipe.inner
+        rows = xp.reshape(x, (recipe.outer, recipe.num_channels, inner))
+        low, high = xp.min(rows, axis=(2,)), xp.max(rows, axis=(2,))
+        largest = xp.maximum(high, -low)
+        largest = xp.where(largest > 1.0, largest, xp.ones_like(largest))  # also NaN -> 1
+        most = -math.log2(float(xp.finfo(x.dtype).smallest_normal))
+        scale = 2.0 ** -xp.minimum(xp.floor(xp.log2(largest)), xp.full_like(largest, most))
+        values = rows * scale[:, :, None]
+        row_mean = xp.mean(values, axis=(2,))
+        deviations = values - row_mean[:, :, None]
+        deviation_sum = xp.sum(deviations, axis=(2,))
+        correction = deviation_sum / inner
+        row_m2 = xp.sum(deviations * deviations, axis=(2,)) - deviation_sum * correction
+        constant = low == high
+        zeros = xp.zeros_like(row_m2)
+        row_mean = xp.where(constant, high * scale, row_mean)
+        correction, row_m2 = xp.where(constant, zeros, correction), xp.where(constant, zeros, row_m2)
+        finest = xp.min(scale, axis=(0,))
+        ratio = finest / scale
+        row_mean, correction, row_m2 = row_mean * ratio, correction * ratio, row_m2 * (ratio * ratio)
+        shift = row_mean[0, :]
+        offsets = (row_mean - shift) + correction
+        mean = xp.mean(offsets, axis=(0,))
+        spread = offsets - mean
+        m2 = xp.sum(row_m2, axis=(0,)) + inner * xp.sum(spread * spread, axis=(0,))
+        return shift, mean, m2, finest
 
     def first_pass(self, x: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
         """Per channel ``min(x)``, ``max(x)`` and ``sum(x * shrink)``."""
