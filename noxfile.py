@@ -26,7 +26,9 @@ nox.options.reuse_existing_virtualenvs = True
 
 CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax_x32", "dask", "ndonnx"]
 GPU_BACKENDS = ["cupy", "torch_gpu", "jax_gpu"]
-nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS] + ["lint", "docs_browser"]
+ACCELERATED = ["numba"]
+"""Sessions of a CPU backend's suite with a compiled accelerator installed (SUITE_BACKEND)."""
+nox.options.sessions = [f"tests({backend})" for backend in CPU_BACKENDS + ACCELERATED] + ["lint", "docs_browser"]
 
 TORCH_REQUIREMENT = os.environ.get("PBN_TORCH_REQUIREMENT", "torch==2.13.0")
 TORCH_INDEX_URL = os.environ.get("PBN_TORCH_INDEX_URL", "")
@@ -37,8 +39,9 @@ TORCH_INDEX_URL = os.environ.get("PBN_TORCH_INDEX_URL", "")
 # onnx/onnxruntime and safetensors on NumPy and torch.
 REQUIREMENTS: dict[str, tuple[list[str], list[str]]] = {
     "numpy": (["onnx", "safetensors"], []),
+    "numba": (["numba"], []),  # NumPy with Numba's kernels
     "array_api_strict": (["strict"], []),
-    "torch": (["keras", "onnx", "safetensors"], []),  # torch itself: install_torch
+    "torch": (["keras", "onnx", "safetensors", "triton"], []),  # torch itself: install_torch
     "jax": (["jax", "keras", "flax"], []),
     "jax_x32": (["jax"], []),  # JAX's default configuration: 64-bit types off
     "dask": (["dask"], []),
@@ -47,6 +50,8 @@ REQUIREMENTS: dict[str, tuple[list[str], list[str]]] = {
     "torch_gpu": ([], []),  # installed by install_torch (a CUDA build)
     "jax_gpu": ([], ["jax[cuda12]"]),
 }
+SUITE_BACKEND = {"numba": "numpy"}
+"""Sessions that run another backend's suite: numba is NumPy's, with Numba's kernels installed."""
 KERAS_BACKEND = {"torch": "torch", "jax": "jax"}
 """The Keras backend of the sessions that install Keras (Keras reads KERAS_BACKEND once, at import)."""
 
@@ -61,7 +66,7 @@ def install_torch(session: nox.Session, *, cuda: bool) -> None:
 
 
 @nox.session
-@nox.parametrize("backend", [nox.param(b, id=b) for b in CPU_BACKENDS + GPU_BACKENDS])
+@nox.parametrize("backend", [nox.param(b, id=b) for b in CPU_BACKENDS + ACCELERATED + GPU_BACKENDS])
 def tests(session: nox.Session, backend: str) -> None:
     """The conformance suite with PBN_BACKENDS=<backend>."""
     if backend in GPU_BACKENDS and shutil.which("nvidia-smi") is None:
@@ -70,7 +75,7 @@ def tests(session: nox.Session, backend: str) -> None:
     session.install("-e", f".[{','.join(['test', *extras])}]", *others)
     if backend in ("torch", "torch_gpu"):
         install_torch(session, cuda=backend == "torch_gpu")
-    env = {"PBN_BACKENDS": backend}
+    env = {"PBN_BACKENDS": SUITE_BACKEND.get(backend, backend)}
     if backend in KERAS_BACKEND:
         env["KERAS_BACKEND"] = KERAS_BACKEND[backend]
     session.run("python", "-m", "pytest", *session.posargs, env=env)
@@ -168,6 +173,6 @@ def fuzz(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Speed and memory ratios: python -m portable_bn bench [posargs], e.g. -- --quick --json bench.json;
     -- --sync-only times synchronized batch norm (torch.distributed, JAX, a Dask cluster)."""
-    session.install("-e", ".[bench,jax,dask]")
+    session.install("-e", ".[bench,jax,dask,numba]")
     install_torch(session, cuda=False)
     session.run("python", "-m", "portable_bn", "bench", *session.posargs)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
+import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -344,12 +346,170 @@ def _setup(x: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, _Tiling]:
     return x3, _tiling(recipe.outer, recipe.num_channels, recipe.inner, x.itemsize)
 
 
-_PRIMITIVES: dict[int, NumpyPrimitives] = {}
+# ------------------------------------------------------------------ Numba's kernels
+
+NUMBA_SWITCH = "PORTABLE_BN_NUMBA"
+"""Environment variable: ``0`` (or ``off``, ``false``, ``no``) keeps Numba's kernels out even
+where Numba is installed; read at every call."""
+
+ROW_BLOCK = 4096
+"""Values per block of the moments kernel (16-32 KiB: the block's second pass reads the L1 or
+L2 cache), and the longest piece of a row one block takes."""
+
+TILE_BELOW = 8
+"""Rows (``B``) shorter than this are taken as tiles of the ``(A, C * B)`` view, vectorized
+across its contiguous columns; longer rows one by one."""
+
+TILE_VALUES = 1 << 16
+"""Values per tile of the short-row kernels (256-512 KiB: one core's L2)."""
+
+TILE_COLUMNS = 1024
+"""Columns per tile of the short-row kernels at most."""
+
+PATTERN_BELOW = 16
+"""Elementwise kernels take rows shorter than this as pattern rows of the ``(A, C * B)`` view
+(per-column vectors), longer rows one ``(a, c)`` row at a time (per-channel scalars)."""
+
+ELEMENTWISE_CHUNKS = 64
+"""Runs of rows an elementwise kernel deals out to its threads."""
+
+_THREAD_TASKS = 8
+"""Tasks wanted per moments or sums kernel at least: rows are cut into chunks where channels
+are fewer, so that every thread has work."""
+
+
+class NumbaPrimitives(NumpyPrimitives):
+    """The NumPy primitives with Numba's kernels (:mod:`.numba_kernels`) for C-contiguous
+    float32/float64 arrays above :data:`SMALL_BYTES`: block moments, the backward's sums and
+    the fused elementwise forms, each in one parallel read. Value-dependent shortcuts are left
+    out there: the exact forms cost the same in a compiled loop."""
+
+    name = "NumPy + Numba"
+    accelerator = "numba"
+
+    def one_read(self, x: Any) -> bool:
+        return _tileable(x)
+
+    def shortcuts(self, x: Any) -> bool:
+        return False if _tileable(x) else super().shortcuts(x)
+
+    def block_moments(self, x: Any, recipe: Recipe) -> tuple[Any, Any, Any, Any]:
+        if not _tileable(x):
+            return super().block_moments(x, recipe)
+        kernels = _numba_kernels()
+        x3, bits3 = _with_bits(x, recipe)
+        outer, channels, inner = x3.shape
+        if inner >= TILE_BELOW:
+            chunks = min(outer, -(-_THREAD_TASKS // channels))
+            rows = max(1, min(outer, ROW_BLOCK // inner))
+            partial = kernels.row_moments(
+                x3.reshape(-1), bits3.reshape(-1), outer, channels, inner, chunks, rows, min(inner, ROW_BLOCK)
+            )
+            return tuple(kernels.merge_partials(partial, 1))
+        rows, columns = _tile_shape(outer, channels * inner)
+        partial = kernels.tile_moments(x3.reshape(outer, -1), bits3.reshape(outer, -1), rows, columns)
+        return tuple(kernels.merge_partials(partial, inner))
+
+    def product_sums(self, grad: Any, x: Any, recipe: Recipe, shift: Any, scale: Any) -> tuple[Any, Any]:
+        if not _tileable(x, grad):
+            return super().product_sums(grad, x, recipe, shift, scale)
+        kernels = _numba_kernels()
+        x3, _ = _setup(x, recipe)
+        g3 = grad.reshape(x3.shape)
+        outer, channels, inner = x3.shape
+        shift = np.zeros(channels) if shift is None else np.asarray(shift, dtype=np.float64)
+        scale = np.ones(channels) if scale is None else np.asarray(scale, dtype=np.float64)
+        if inner >= TILE_BELOW:
+            chunks = min(outer, -(-_THREAD_TASKS // channels))
+            partial = kernels.row_product_sums(
+                g3.reshape(-1), x3.reshape(-1), outer, channels, inner, shift, scale, chunks
+            )
+            return np.add.reduce(partial[0], axis=0), np.add.reduce(partial[1], axis=0)
+        partial = kernels.column_product_sums(
+            g3.reshape(outer, -1), x3.reshape(outer, -1), np.repeat(shift, inner), np.repeat(scale, inner),
+            min(outer, _THREAD_TASKS), min(channels * inner, TILE_COLUMNS),
+        )  # fmt: skip
+        total = np.add.reduce(partial, axis=1).reshape(2, channels, inner)
+        return np.add.reduce(total[0], axis=1), np.add.reduce(total[1], axis=1)
+
+    def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
+        if not _tileable(x):
+            return super().affine(x, recipe, scale, shift, mult, add)
+        x3, _ = _setup(x, recipe)
+        vectors = _full_vectors(x3, (scale, 1.0), (shift, 0.0), (mult, 1.0), (add, 0.0))
+        return _elementwise("affine", x3, (x3,), vectors).reshape(x.shape)
+
+    def grad_input(self, grad: Any, x: Any, recipe: Recipe, k: Any, shift: Any, f: Any, c: Any) -> Any:
+        if not _tileable(x, grad):
+            return super().grad_input(grad, x, recipe, k, shift, f, c)
+        x3, _ = _setup(x, recipe)
+        vectors = _full_vectors(x3, (k, 1.0), (shift, 0.0), (f, 0.0), (c, 0.0))
+        return _elementwise("grad_input", x3, (grad.reshape(x3.shape), x3), vectors).reshape(x.shape)
+
+
+def _tile_shape(outer: int, width: int) -> tuple[int, int]:
+    """Rows and columns of a short-row kernel's tile of an ``(outer, width)`` view."""
+    columns = min(width, TILE_COLUMNS)
+    return max(1, min(outer, TILE_VALUES // columns)), columns
+
+
+def _with_bits(x: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(A, C, B)`` view of ``x`` and the same memory as integers of its item size."""
+    x3, _ = _setup(x, recipe)
+    return x3, x3.view(np.int32 if x.dtype == np.float32 else np.int64)
+
+
+def _full_vectors(x3: np.ndarray, *pairs: tuple[Any, float]) -> list[np.ndarray]:
+    """Per-channel vectors in ``x3``'s dtype, a vector of ``default`` standing for None (``x * 1``
+    and ``x - 0`` round to ``x``)."""
+    channels = x3.shape[1]
+    return [
+        np.full(channels, default, dtype=x3.dtype) if v is None else np.asarray(v, dtype=x3.dtype)
+        for v, default in pairs
+    ]
+
+
+def _elementwise(name: str, x3: np.ndarray, arrays: tuple[np.ndarray, ...], vectors: list[np.ndarray]) -> np.ndarray:
+    """Kernel ``row_<name>`` (per-channel scalars) on long rows, ``tile_<name>`` (pattern rows)
+    on short ones."""
+    kernels = _numba_kernels()
+    outer, channels, inner = x3.shape
+    if inner >= PATTERN_BELOW:
+        chunks = min(outer * channels, ELEMENTWISE_CHUNKS)
+        return getattr(kernels, f"row_{name}")(*(a.reshape(-1) for a in arrays), channels, inner, chunks, *vectors)
+    rows = (a.reshape(outer, -1) for a in arrays)
+    return getattr(kernels, f"tile_{name}")(*rows, *(np.repeat(v, inner) for v in vectors))
+
+
+@functools.cache
+def _numba_kernels() -> ModuleType:
+    from . import numba_kernels
+
+    return numba_kernels
+
+
+@functools.cache
+def numba_installed() -> bool:
+    """Whether Numba can be imported (looked up once, without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def numba_enabled() -> bool:
+    """Whether Numba's kernels serve: installed, and not switched off (:data:`NUMBA_SWITCH`)."""
+    switch = os.environ.get(NUMBA_SWITCH, "")
+    return switch.strip().lower() not in _OFF and numba_installed()
+
+
+_OFF = ("0", "off", "false", "no")
+
+_PRIMITIVES: dict[tuple[int, bool], NumpyPrimitives] = {}
 
 
 def primitives_for(xp: ModuleType, x: Any) -> Primitives:
-    """The NumPy primitive set (one per namespace object)."""
-    found = _PRIMITIVES.get(id(xp))
+    """The NumPy primitive set (one per namespace object): with Numba's kernels where
+    :func:`numba_enabled`."""
+    key = (id(xp), numba_enabled())
+    found = _PRIMITIVES.get(key)
     if found is None:
-        found = _PRIMITIVES[id(xp)] = NumpyPrimitives(xp)
+        found = _PRIMITIVES[key] = NumbaPrimitives(xp) if key[1] else NumpyPrimitives(xp)
     return found
