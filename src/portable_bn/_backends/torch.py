@@ -20,6 +20,9 @@ without a graph, get theirs from :class:`_BatchStatistics`.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -46,6 +49,54 @@ _IMPL_INDEX = getattr(torch, "_batch_norm_impl_index", None)
 returns the batch ``mean`` and ``invstd`` (cuDNN's saved inverse standard deviation). On CUDA,
 cuDNN's training forward took 30-130 us where ``native_batch_norm`` took 90-200 (H100, the
 benchmark's shapes). Private, hence looked up with a fallback to ``native_batch_norm``."""
+
+
+TRITON_SWITCH = "PORTABLE_BN_TRITON"
+"""Environment variable, read at every call: ``0`` (or ``off``, ``false``, ``no``) keeps the
+Triton kernels out; ``interpret`` also gives them CPU tensors, run by Triton's interpreter
+(with ``TRITON_INTERPRET=1`` set before Triton is imported): how the suite tests them on
+machines without a GPU."""
+
+_OFF = ("0", "off", "false", "no")
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_serves(x: Any) -> bool:
+    """Whether the Triton kernels (:mod:`.triton_kernels`) take ``x``: a contiguous
+    float32/float64 CUDA tensor (or CPU tensor, in interpreter mode) with values, through which
+    autograd records nothing (their results carry no derivatives; autograd's calls keep
+    PyTorch's kernels)."""
+    switch = os.environ.get(TRITON_SWITCH, "").strip().lower()
+    if switch in _OFF or not _triton_installed():
+        return False
+    if not (x.is_cuda or (x.is_cpu and switch == "interpret")):
+        return False
+    if x.dtype not in _DTYPES or x.layout != torch.strided or not x.is_contiguous() or x.numel() == 0:
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType:
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _rows(x: Any, recipe: Recipe) -> Any:
+    """The ``(A, C, B)`` view of a contiguous tensor."""
+    return x.reshape(recipe.outer, recipe.num_channels, recipe.inner)
+
+
+def _full(x: Any, vector: Any, default: float) -> Any:
+    """A per-channel vector in ``x``'s dtype and device, a vector of ``default`` for None."""
+    if vector is None:
+        return torch.full((x.shape[1],), default, dtype=x.dtype, device=x.device)
+    return vector.to(dtype=x.dtype, device=x.device)
 
 
 class _BatchStatistics(torch.autograd.Function):
@@ -110,6 +161,8 @@ class TorchKernels:
         self, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, recipe: Recipe, *, training: bool
     ) -> bool:
         if recipe.channel_axis != 1 or not _fits(x, running_mean, running_var, differentiable=(x, weight, bias)):
+            return False
+        if training and triton_serves(x):  # the block-moments kernel: no verdict, no host read
             return False
         if x.is_cpu:
             return training or x.numel() >= MIN_EVAL_ELEMENTS
@@ -212,12 +265,42 @@ class TorchPrimitives(Primitives):
             converted[name] = value
         return arrays, converted
 
+    @property
+    def accelerator(self) -> str | None:  # type: ignore[override]
+        return "triton" if _triton_installed() else None
+
+    def one_read(self, x: Any) -> bool:
+        return triton_serves(x)
+
     def shortcuts(self, x: Any) -> bool:
-        """On the CPU, for inputs of more than 128 KiB (below, the checks cost more than the pass)."""
-        return self.eager and x.numel() * x.element_size() > SHORTCUTS_FROM
+        """On the CPU, for inputs of more than 128 KiB (below, the checks cost more than the
+        pass); never where the Triton kernels serve (the exact forms cost the same there)."""
+        return self.eager and x.numel() * x.element_size() > SHORTCUTS_FROM and not triton_serves(x)
+
+    def block_moments(self, x: Any, recipe: Recipe) -> tuple[Any, Any, Any, Any]:
+        if not triton_serves(x):
+            return super().block_moments(x, recipe)
+        return _triton_kernels().block_moments(_rows(x, recipe))
+
+    def product_sums(self, grad: Any, x: Any, recipe: Recipe, shift: Any, scale: Any) -> tuple[Any, Any]:
+        if not (triton_serves(x) and triton_serves(grad) and grad.dtype == x.dtype):
+            return super().product_sums(grad, x, recipe, shift, scale)
+        return _triton_kernels().product_sums(
+            _rows(grad, recipe), _rows(x, recipe), _full(x, shift, 0.0), _full(x, scale, 1.0)
+        )
+
+    def grad_input(self, grad: Any, x: Any, recipe: Recipe, k: Any, shift: Any, f: Any, c: Any) -> Any:
+        if not (triton_serves(x) and triton_serves(grad) and grad.dtype == x.dtype):
+            return super().grad_input(grad, x, recipe, k, shift, f, c)
+        vectors = (_full(x, k, 1.0), _full(x, shift, 0.0), _full(x, f, 0.0), _full(x, c, 0.0))
+        return _triton_kernels().grad_input(_rows(grad, recipe), _rows(x, recipe), *vectors).reshape(x.shape)
 
     def affine(self, x: Any, recipe: Recipe, scale: Any, shift: Any, mult: Any, add: Any) -> Any:
-        """One ``addcmul`` kernel for the multiply and add (the rounding of PyTorch's own kernels)."""
+        """One ``addcmul`` kernel for the multiply and add (the rounding of PyTorch's own
+        kernels), or the Triton kernel where it serves."""
+        if triton_serves(x):
+            vectors = (_full(x, scale, 1.0), _full(x, shift, 0.0), _full(x, mult, 1.0), _full(x, add, 0.0))
+            return _triton_kernels().affine(_rows(x, recipe), *vectors).reshape(x.shape)
         if add is None:
             return super().affine(x, recipe, scale, shift, mult, add)
         values = self._centred(x, recipe, scale, shift)
