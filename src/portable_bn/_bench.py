@@ -319,6 +319,10 @@ class Contest:
     copy: Callable[[], object] | None = None
     memory: tuple[Callable[[], object], Callable[[], object]] | None = None
     """(ours, naive) for the peak-memory measurement (NumPy training forward)."""
+    rival: Callable[[], object] | None = None
+    """PyTorch's CPU kernel on the same memory (NumPy rows, where torch is installed)."""
+    accelerator: str | None = None
+    """The compiler of the kernels that served our call (``numba``, ``triton``), or None."""
 
 
 ContestMaker = Callable[[str, dict[str, np.ndarray]], Contest]
@@ -380,9 +384,49 @@ def _array_module_contests(
             "naive",
             copy=_synced(copy, wait),
             memory=(ours, naive) if memory and case == "train" else None,
+            rival=_torch_cpu_rival(case, x, g, rm, rv, w, b) if xp is np else None,
+            accelerator=_accelerator(x),
         )
 
     return make
+
+
+def _accelerator(x: Any) -> str | None:
+    """The compiler of the kernels that serve a call on ``x`` (channels on axis 1), or None."""
+    from ._compat import array_namespace
+    from ._dispatch import primitives
+    from ._recipe import make_recipe
+
+    prims = primitives(array_namespace(x), x, make_recipe(tuple(x.shape), 1))
+    return prims.accelerator if prims.one_read(x) else None
+
+
+def _torch_cpu_rival(case: str, x: Any, g: Any, rm: Any, rv: Any, w: Any, b: Any) -> Callable[[], object] | None:
+    """PyTorch's CPU kernel on the same NumPy memory (no copy), at torch's thread count; None
+    without torch."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    xt, gt, wt, bt = (torch.from_numpy(a) for a in (x, g, w, b))
+    own_mean, own_var = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    if case == "backward":
+        _, mean, invstd = torch.native_batch_norm(xt, wt, bt, None, None, True, MOMENTUM, EPS)
+
+        def rival() -> object:
+            return torch.ops.aten.native_batch_norm_backward(
+                gt, xt, wt, None, None, mean, invstd, True, EPS, [True, True, True]
+            )
+
+        return rival
+    training = case == "train"
+
+    def forward() -> object:
+        return torch.nn.functional.batch_norm(
+            xt, own_mean, own_var, wt, bt, training=training, momentum=MOMENTUM, eps=EPS
+        )
+
+    return forward
 
 
 def _torch_contests(torch: Any, device: str) -> ContestMaker:
@@ -566,6 +610,10 @@ class Row:
     """Calls per sample: ours, baseline, copy."""
     other_load: float | None = None
     """Share of the CPUs used by other processes while this row was measured (see :class:`OtherLoad`)."""
+    accelerator: str | None = None
+    """The compiler of the kernels that served our call, or None (array-library operations)."""
+    torch_ratio: float | None = None
+    """ours / PyTorch's CPU kernel on the same memory (NumPy rows, where torch is installed)."""
 
 
 def measure(
@@ -582,10 +630,13 @@ def measure(
     contest = backend.make_contest(case, host)
     monitor = OtherLoad()
     monitor.start()
-    fns = [contest.ours, contest.baseline] + ([contest.copy] if contest.copy is not None else [])
-    times, loops = interleaved_medians(fns, repeats=repeats, sample_seconds=sample_seconds)
+    extra = [fn for fn in (contest.copy, contest.rival) if fn is not None]
+    times, loops = interleaved_medians(
+        [contest.ours, contest.baseline, *extra], repeats=repeats, sample_seconds=sample_seconds
+    )
     ours, base = times[0], times[1]
     copy = times[2] if contest.copy is not None else None
+    rival = times[-1] if contest.rival is not None else None
     memory_ratio = naive_memory_ratio = None
     if contest.memory is not None:
         output_bytes = host["x"].nbytes
@@ -610,6 +661,8 @@ def measure(
         repeats=repeats,
         loops=tuple(loops),
         other_load=other_load,
+        accelerator=contest.accelerator,
+        torch_ratio=None if rival is None else ours / rival,
     )
 
 
@@ -807,6 +860,18 @@ COLUMNS = (
         "ours/copy",
         "our time divided by the copy's; the copy is the memory-bandwidth floor",
         lambda r: "-" if r.copies is None else _ratio(r.copies),
+    ),
+    Column(
+        "accel",
+        "the compiler of the kernels that served our call (numba, triton); - for array-library operations",
+        lambda r: r.accelerator or "-",
+        True,
+    ),
+    Column(
+        "ours/torch",
+        "NumPy rows: our time divided by PyTorch's CPU kernel's (F.batch_norm; native_batch_norm_backward) "
+        "on the same memory at torch's thread count",
+        lambda r: "-" if r.torch_ratio is None else _ratio(r.torch_ratio),
     ),
     Column(
         "mem/out",
