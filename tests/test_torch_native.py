@@ -40,6 +40,12 @@ def device(request):
     DEVICE = "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _pytorch_kernels_only(monkeypatch):
+    """These tests are about PyTorch's own kernels: the Triton ones (CUDA) are switched off."""
+    monkeypatch.setenv(torch_backend.TRITON_SWITCH, "0")
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Record, per call, whether the native result was kept (True) or handed over (False)."""
@@ -297,7 +303,8 @@ def test_backward_with_a_graph_takes_the_shared_algorithm():
 def test_cuda_graph_capture(spy, device, training):
     """Under CUDA graph capture the training verdict (a host read) is skipped and the
     shared algorithm, which never synchronizes there, is captured; eval keeps the kernel.
-    Replays on new data give the reference results."""
+    Replays on new data give the reference results. (tests/test_triton_route.py captures the
+    Triton kernels.)"""
     if device != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
     shape = (8, 3, 5, 4)

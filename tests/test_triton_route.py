@@ -91,3 +91,43 @@ def test_autograd_and_the_switch_keep_pytorch_s_kernels(monkeypatch):
     assert not prims.one_read(x[:, :, ::2])  # strided
     monkeypatch.setenv(torch_backend.TRITON_SWITCH, "0")
     assert not prims.one_read(x)
+
+
+def test_no_host_synchronisation_and_cuda_graph_capture():
+    """On a GPU: no call reads the device on the host (``set_sync_debug_mode("error")`` raises
+    at the first synchronisation), and a training call is captured in a CUDA graph whose
+    replays on new data give the reference results."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(3)
+    shape = (16, 8, 12, 12)
+    x = _tensor(rng.normal(5.0, 2.0, size=shape).astype(np.float32))
+    grad = _tensor(rng.normal(size=shape).astype(np.float32))
+    rm, rv = _tensor(np.zeros(8, np.float32)), _tensor(np.ones(8, np.float32))
+    w, b = _tensor(rng.normal(size=8).astype(np.float32)), _tensor(rng.normal(size=8).astype(np.float32))
+    warm = pbn.batch_norm(x, rm, rv, w, b, training=True)  # compiles the kernels
+    pbn.batch_norm_backward(grad, x, w, warm.mean, warm.invstd)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = pbn.batch_norm(x, rm, rv, w, b, training=True)
+        pbn.batch_norm(x, result.running_mean, result.running_var, w, b, training=False)
+        pbn.batch_norm_backward(grad, x, w, result.mean, result.invstd)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pbn.batch_norm(x, rm, rv, w, b, training=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = pbn.batch_norm(x, rm, rv, w, b, training=True)
+    for seed in (4, 5):
+        data = np.random.default_rng(seed).normal(-3.0, 0.5, size=shape).astype(np.float32)
+        x.copy_(_tensor(data))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference_batch_norm(data, _host(rm), _host(rv), _host(w), _host(b), training=True)
+        for key in ("output", "running_mean", "running_var", "mean", "invstd"):
+            assert max_error(_host(getattr(captured, key)), expected[key]) <= tolerance("float32"), key
