@@ -17,9 +17,11 @@ Statistics are per-channel moments ``(count, mean, M2)`` about a shift, of the i
 per-channel power of two (:class:`Moments`); moments merge exactly (:func:`merge_moments`).
 Full-size work goes through the primitives (reductions, the fused scale-and-shift); the
 per-channel arithmetic through ``prims.per_channel``, which runs a function of this module
-as it is, or compiles it (CuPy). Where a backend can choose by values (``prims.branches``:
-eager arrays, ``jax.lax.cond``), the statistics take the cheapest route that is as exact;
-elsewhere always the prescaled two-pass route, which is exact on any data.
+as it is, or compiles it (CuPy). Where a compiled kernel reads the input once for its block
+moments (``prims.one_read``: Numba, Triton), those are the statistics, with no choice and
+nothing to verify (:func:`one_read_moments`). Otherwise, where a backend can choose by values
+(``prims.branches``: eager arrays, ``jax.lax.cond``), the statistics take the cheapest route
+that is as exact; elsewhere always the prescaled two-pass route, which is exact on any data.
 """
 
 from __future__ import annotations
