@@ -161,6 +161,11 @@ def _bench_table(rows: list[Any], backend: str) -> list[str]:
         caption += "; our time / an array copy (copies)"
     if has_memory:
         caption += "; peak extra memory / output (memory, training)"
+    if any(r.torch_ratio is not None for r in mine):
+        caption += "; our time / PyTorch's CPU kernel's on the same memory (torch)"
+    accelerators = sorted({r.accelerator for r in mine if r.accelerator})
+    if accelerators:
+        caption += f"; large inputs ran {' and '.join(accelerators)} kernels"
     lines = [
         f".. list-table:: {caption}",
         "   :header-rows: 1",
@@ -179,6 +184,8 @@ def _bench_table(rows: list[Any], backend: str) -> list[str]:
             cell = f"{_ms(row.ours_ms)} ms, **{row.ratio:.2f}**"
             if row.copies is not None:
                 cell += f"; {row.copies:.1f} copies"
+            if row.torch_ratio is not None:
+                cell += f"; torch {row.torch_ratio:.2f}"
             if row.memory_ratio is not None:
                 cell += f"; memory {row.memory_ratio:.2f}"
             lines.append(f"     - {cell}")

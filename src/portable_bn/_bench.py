@@ -995,6 +995,8 @@ def _baseline_words(backend: str, name: str) -> str:
 def _panel_title(backend: str, field: str, rows: Sequence[Row]) -> str:
     if field == "copies":
         return f"{backend}: our time / time of an array copy"
+    if field == "torch_ratio":
+        return f"{backend}: our time / PyTorch's CPU kernel on the same memory (F.batch_norm; its backward kernel)"
     by_name: dict[str, list[str]] = {}
     for r in rows:
         cases = by_name.setdefault(r.baseline, [])
@@ -1012,7 +1014,8 @@ def have_matplotlib() -> bool:
 
 def write_plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
     """Bar charts of the ratios on a log scale, one panel per backend and baseline (our time
-    over the baseline's; for NumPy and CuPy also over an array copy's), with a line at 1.
+    over the baseline's; for NumPy and CuPy also over an array copy's; for NumPy, where torch is
+    installed, also over PyTorch's CPU kernel's), with a line at 1.
 
     ``rows`` may be measured or read back with :func:`load_rows`."""
     figure_module = importlib.import_module("matplotlib.figure")
@@ -1022,7 +1025,7 @@ def write_plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
     panels = [
         (name, field)
         for name in backends
-        for field in ("copies", "ratio")
+        for field in ("copies", "ratio", "torch_ratio")
         if any(r.backend == name and getattr(r, field) is not None for r in rows)
     ]
     if not panels:
@@ -1050,7 +1053,7 @@ def write_plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
         else:
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xticks(range(len(groups)), [f"{dtype}\n{shape_text(shape)}" for dtype, shape in groups], fontsize=7)
-        ax.set_ylabel("ours / copy" if field == "copies" else "ours / baseline")
+        ax.set_ylabel({"copies": "ours / copy", "ratio": "ours / baseline", "torch_ratio": "ours / torch"}[field])
         ax.set_title(_panel_title(name, field, mine), fontsize=9)
         ax.legend(fontsize=7)
     figure.savefig(path, dpi=120)

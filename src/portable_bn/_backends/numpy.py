@@ -11,6 +11,11 @@ allocate. Sums are ufunc reductions and, for sums of products, BLAS dot products
 "pattern rows" (repeated over ``B``) unless rows are long, so each elementwise step is a
 contiguous vector-vector loop. Other arrays (strided, float16, subclasses) take the pure
 primitives. Values are on the host, so the algorithm may choose its route by them.
+
+Where Numba can be imported (and ``PORTABLE_BN_NUMBA`` does not switch it off),
+:class:`NumbaPrimitives` replace the tiles of large arrays with compiled kernels
+(:mod:`.numba_kernels`) that read each input once; Numba itself is imported at the first
+array they take.
 """
 
 from __future__ import annotations
