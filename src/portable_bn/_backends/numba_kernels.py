@@ -182,8 +182,11 @@ def row_moments(values, bits, outer, channels, inner, chunks, block_rows, block_
 def tile_moments(x2, bits2, rows, columns):  # type: ignore[no-untyped-def]
     """Partial moments ``(5, P, K)`` of the columns of ``x2`` ``(A, K)`` (``bits2``: its memory
     as integers), ``P = ceil(A / rows)``: task ``(p, q)`` takes the tile of ``rows`` rows by
-    ``columns`` columns, each column of which is a block; its passes run along the rows,
-    vectorized across the contiguous columns."""
+    ``columns`` columns, each column of which is a block. Its two passes run down the rows,
+    each row's piece added elementwise to per-column accumulators (contiguous: they
+    vectorize), and the tile stays in the cache between them. float32 tiles take one scale
+    for all their columns (float64 sums cannot lose a float32 value to it), from row
+    reductions: per-column extremes, elementwise on integers, cost more than the reads."""
     outer, width = x2.shape
     row_tiles = (outer + rows - 1) // rows
     column_tiles = (width + columns - 1) // columns
@@ -193,50 +196,86 @@ def tile_moments(x2, bits2, rows, columns):  # type: ignore[no-untyped-def]
         q = task - p * column_tiles
         a0, a1 = p * rows, min(outer, (p + 1) * rows)
         k0, k1 = q * columns, min(width, (q + 1) * columns)
-        _tile(x2[a0:a1, k0:k1], bits2[a0:a1, k0:k1], partial[:, p, k0:k1])
+        n = k1 - k0
+        total = np.zeros(n)
+        largest = np.zeros(n, dtype=bits2.dtype)
+        least = bits2[a0][k0:k1].copy()
+        greatest = bits2[a0][k0:k1].copy()
+        if bits2.itemsize == 4:  # float32: one scale for the tile, extremes by row reductions
+            tile_largest = largest[0]
+            for a in range(a0, a1):
+                _column_sums(x2[a][k0:k1], total)
+                tile_largest = max(tile_largest, _largest_pattern(bits2[a][k0:k1]))
+            largest[:] = tile_largest
+            least[:] = 0
+            greatest[:] = 1  # no column taken as constant (see _column_sums)
+        else:
+            for a in range(a0, a1):
+                _column_values(x2[a][k0:k1], bits2[a][k0:k1], total, largest, least, greatest)
+        count = np.float64(a1 - a0)
+        scale = np.empty(n)
+        mean = np.empty(n)
+        for j in range(n):
+            scale[j] = _power_of_two_scale(largest[j], bits2.itemsize)
+            mean[j] = total[j] * (scale[j] / SHRINK) / count
+        deviations = np.zeros(n)
+        squares = np.zeros(n)
+        for a in range(a0, a1):
+            _column_deviations(x2[a][k0:k1], scale, mean, deviations, squares)
+        for j in range(n):  # as _merge takes them: the shift is the pass's mean
+            column = k0 + j
+            partial[0, p, column] = count
+            partial[4, p, column] = scale[j]
+            if least[j] == greatest[j]:  # a constant column: exact
+                partial[1, p, column] = np.float64(x2[a0, column]) * scale[j]
+                partial[2, p, column] = 0.0
+                partial[3, p, column] = 0.0
+            else:
+                correction = deviations[j] / count
+                partial[1, p, column] = mean[j]
+                partial[2, p, column] = correction
+                partial[3, p, column] = squares[j] - deviations[j] * correction
     return partial
 
 
+@numba.njit(cache=True, nogil=True)
+def _column_sums(row, total):  # type: ignore[no-untyped-def]
+    """Add one float32 row's piece to the per-column shrunk sums. In float64, a column of ``k``
+    equal float32 values sums to exactly ``k * v * SHRINK`` (24 + 14 bits), its mean is then
+    exactly ``v`` and its deviations 0: constant columns are exact without being detected."""
+    for j in range(row.shape[0]):
+        total[j] += np.float64(row[j]) * SHRINK
+
+
 @numba.njit(fastmath=REDUCTION_MATH, cache=True, nogil=True)
-def _tile(tile, bits, out):  # type: ignore[no-untyped-def]
-    """Count, shift (the first pass's mean), mean about it, M2 and scale of each column of
-    ``tile`` into ``out`` ``(5, columns)``."""
-    height, width = tile.shape
+def _largest_pattern(bits):  # type: ignore[no-untyped-def]
+    """The largest magnitude's bit pattern in ``bits``: an integer reduction, which vectorizes."""
     magnitude = np.iinfo(bits.dtype).max
-    total = np.zeros(width)
-    largest = np.zeros(width, dtype=bits.dtype)
-    least = bits[0].copy()
-    greatest = bits[0].copy()
-    for i in range(height):
-        for j in range(width):
-            total[j] += np.float64(tile[i, j]) * SHRINK
-            pattern = bits[i, j]
-            largest[j] = max(largest[j], pattern & magnitude)
-            least[j] = min(least[j], pattern)
-            greatest[j] = max(greatest[j], pattern)
-    count = np.float64(height)
-    scale = np.empty(width)
-    mean = np.empty(width)
-    for j in range(width):
-        scale[j] = _power_of_two_scale(largest[j], bits.itemsize)
-        mean[j] = total[j] * (scale[j] / SHRINK) / count
-    deviations = np.zeros(width)
-    squares = np.zeros(width)
-    for i in range(height):
-        for j in range(width):
-            deviation = np.float64(tile[i, j]) * scale[j] - mean[j]
-            deviations[j] += deviation
-            squares[j] += deviation * deviation
-    for j in range(width):  # as _merge takes them: the shift is the pass's mean
-        out[0, j] = count
-        out[4, j] = scale[j]
-        if least[j] == greatest[j]:  # a constant column: exact
-            out[1, j] = np.float64(tile[0, j]) * scale[j]
-            out[2, j] = out[3, j] = 0.0
-        else:
-            out[1, j] = mean[j]
-            out[2, j] = deviations[j] / count
-            out[3, j] = squares[j] - deviations[j] * (deviations[j] / count)
+    largest = magnitude & 0
+    for j in range(bits.shape[0]):
+        largest = max(largest, bits[j] & magnitude)
+    return largest
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_values(row, bits, total, largest, least, greatest):  # type: ignore[no-untyped-def]
+    """Add one row's piece to the per-column shrunk sums and bit-pattern extremes."""
+    magnitude = np.iinfo(bits.dtype).max
+    for j in range(row.shape[0]):
+        total[j] += np.float64(row[j]) * SHRINK
+        pattern = bits[j]
+        largest[j] = max(largest[j], pattern & magnitude)
+        least[j] = min(least[j], pattern)
+        greatest[j] = max(greatest[j], pattern)
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_deviations(row, scale, mean, total, squares):  # type: ignore[no-untyped-def]
+    """Add one row's piece to the per-column sums of ``d`` and ``d * d``, ``d = x * scale - mean``."""
+    for j in range(row.shape[0]):
+        deviation = np.float64(row[j]) * scale[j] - mean[j]
+        total[j] += deviation
+        squares[j] += deviation * deviation
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
