@@ -36,10 +36,11 @@ pytestmark = pytest.mark.skipif(
 
 SHAPES = [
     ((3, 2, 9000), 1),  # rows longer than a block: pieces
-    ((64, 16, 7, 7), 1),  # short rows: several rows per block; pattern rows in the elementwise kernels
+    ((64, 8, 10, 10), 1),  # rows of 100 values: several rows per block
+    ((64, 16, 7, 7), 1),  # rows shorter than TILE_BELOW: tiles of the (A, C * B) view
     ((20000, 3), 1),  # 2-D: tiles
-    ((6000, 4, 3), 1),  # rows shorter than TILE_BELOW
-    ((16, 40, 60), 1),  # row kernel for the elementwise forms
+    ((6000, 4, 3), 1),  # rows shorter than PATTERN_BELOW: pattern rows in the elementwise kernels
+    ((16, 40, 60), 1),  # row kernels for the elementwise forms
     ((8, 12, 12, 40), -1),  # channels last
 ]
 DTYPES = ["float32", "float64"]
