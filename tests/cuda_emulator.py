@@ -54,6 +54,8 @@ static std::barrier<>* emu_barrier = nullptr;
 static void __syncthreads() { emu_barrier->arrive_and_wait(); }
 static double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
 static float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+static long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }
+static int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
 static void emu_launch(unsigned grid, unsigned block, const std::function<void()>& body) {
     gridDim.x = grid;
     blockDim.x = block;
