@@ -3,16 +3,26 @@ and the per-channel arithmetic compiled into one kernel.
 
 Why: CuPy runs each array operation as a kernel launch of about 7 us of Python and driver
 time, and the pure primitives with the shared per-channel arithmetic are some sixty of them
-(H100: 0.7 to 1.4 ms a training call, 5 to 30 x cuDNN). Here a training call is seven
-launches (pass 1 and its combine, the scale and shift, the sums and their combine, the
-per-channel vectors, the output), an eval call two, a backward four:
+(H100: 0.7 to 1.4 ms a training call, 5 to 30 x cuDNN). Here a training call is five
+launches (the block moments and their merge, the mean retaken about itself, the per-channel
+vectors, the output), an eval call two, a backward four:
 
-- reductions (:meth:`CupyPrimitives.first_pass`, ``shifted_sums``, ``product_sums``): each
-  block of a kernel reduces one slice of one channel of the input, viewed as ``(N, C, L)``,
-  into float64 partial sums (and minima, maxima); every channel's partials are then combined
-  in one fixed order, so the same input always gives the same bits (no atomics). The values
-  are formed in float64 (``x * scale - shift``): a float64 sum of float32 data neither
-  overflows nor loses the offset.
+- :meth:`CupyPrimitives.block_moments` (the statistics of a training call, ``one_read``):
+  each block of the kernel takes one slice of one channel of the input, viewed as
+  ``(N, C, L)``: its largest magnitude's power-of-two scale, its mean, and in a second pass
+  over the same slice its deviations' sums and M2 (a constant slice exactly), in float64;
+  one thread per channel then merges its blocks' moments in block order (Chan, Golub and
+  LeVeque, about the first block's mean), the algorithm of the Numba and Triton kernels.
+- the other reductions (:meth:`CupyPrimitives.first_pass`, ``shifted_sums``,
+  ``product_sums``; the backward, masked and symbolic routes): each block of a kernel
+  reduces one slice of one channel into float64 partial sums (and minima, maxima).
+
+Every channel's partials are combined in one fixed order, so the same input always gives
+the same bits (no atomics). The values are formed in float64 (``x * scale - shift``): a
+float64 sum of float32 data neither overflows nor loses the offset.
+
+Other primitives:
+
 - the fused scale-and-shift and the input gradient's form: ``cupy.ElementwiseKernel`` (any
   strides, no copy of the input).
 - :meth:`CupyPrimitives.per_channel`: the shared function (statistics, running update,
