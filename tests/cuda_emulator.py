@@ -54,6 +54,8 @@ static std::barrier<>* emu_barrier = nullptr;
 static void __syncthreads() { emu_barrier->arrive_and_wait(); }
 static double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
 static float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+static long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }
+static int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
 static void emu_launch(unsigned grid, unsigned block, const std::function<void()>& body) {
     gridDim.x = grid;
     blockDim.x = block;
@@ -256,7 +258,13 @@ def main() -> int:
     from portable_bn import _agnostic, _dispatch
     from portable_bn._backends import cupy as cupy_backend
     from portable_bn._recipe import make_recipe
-    from portable_bn.testing import dtype_error, reference_backward, reference_batch_norm, tolerance
+    from portable_bn.testing import (
+        dtype_error,
+        reference_backward,
+        reference_batch_norm,
+        reference_moments,
+        tolerance,
+    )
 
     kernels, pure = cupy_backend.CupyPrimitives(xp), _dispatch.pure(xp)
     failures: list[str] = []
@@ -328,7 +336,66 @@ def main() -> int:
                 failures.append(f"{label} {name}: dtype {value.dtype}")
             expect(f"{label} {name}", value, expected, dtype)
 
+    def moments(x_host, dtype, *, axis=1, label=""):
+        """The block-moments kernel against the pure primitive (which channels are not finite;
+        the others' scale, exactly) and the float64 reference of ``x * scale`` (mean and M2 to
+        65 float64 ulps: the kernel accumulates in float64 whatever the input's dtype)."""
+        x = _array(x_host.astype(dtype))
+        recipe = make_recipe(tuple(x.shape), axis)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = kernels.block_moments(x, recipe)
+            want = pure.block_moments(np.asarray(x), recipe)
+        label = f"block_moments {dtype} {x_host.shape} axis={axis} {label}"
+        if not all(isinstance(v, np.ndarray) and v.dtype == np.float64 for v in got):
+            failures.append(f"{label}: not four float64 arrays")
+            return
+        shift, mean, m2, scale = got
+        finite = np.isfinite(shift + mean + m2)
+        want_finite = np.isfinite(np.asarray(want[0] + want[1], dtype=np.float64) + want[2])
+        if not np.array_equal(finite, want_finite):
+            failures.append(f"{label}: finite channels {finite} != {want_finite}")
+        if not np.array_equal(scale[finite], np.asarray(want[3], dtype=np.float64)[finite]):  # others: any
+            failures.append(f"{label}: scale {scale} != {want[3]}")
+        if not finite.all():
+            return
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        _, ref_mean, ref_m2 = reference_moments(np.asarray(x, dtype=np.float64) * scale.reshape(shape), axis=axis)
+        bound = 2.0**-52 * 65
+        spread = np.sqrt(ref_m2 / x.size * x.shape[axis])
+        mean_error = np.abs((shift + mean) - ref_mean) / (np.abs(ref_mean) + spread + 1e-300)
+        m2_error = np.abs(m2 - ref_m2) / np.where(ref_m2 > 0, ref_m2, 1.0)
+        if not (mean_error.max() <= bound and m2_error.max() <= bound):
+            failures.append(f"{label}: mean error {mean_error.max():.2e}, M2 error {m2_error.max():.2e} (relative)")
+        uniform = ref_m2 == 0
+        if uniform.any() and not (np.all(mean[uniform] == 0) and np.all(m2[uniform] == 0)):
+            failures.append(f"{label}: a constant channel's mean or M2 not exactly 0")
+
     rng = np.random.default_rng(2)
+    spans = 3.0 + 2.0 * rng.normal(size=(16, 2, 1000))  # 6 blocks a channel, cut inside rows
+    mixed = spans.copy()
+    mixed[8:, 1] *= 1e6  # blocks of different scales in one channel
+    uniform = rng.normal(size=(8, 3, 40, 40))
+    uniform[:, 0], uniform[:, 2] = 4e16, 0.0  # constant channels
+    for dtype in ("float32", "float64"):
+        moments(spans, dtype, label="several blocks")
+        moments(mixed, dtype, label="blocks of several scales")
+        moments(uniform, dtype, label="constant channels")
+        moments(0.5 * rng.normal(size=(4, 3, 7)), dtype, label="one block, scale 1")
+        moments(rng.normal(size=(5, 6, 3, 4)), dtype, axis=-1)
+        moments(rng.normal(size=(600, 2)), dtype)
+        forward(spans, dtype)
+        forward(mixed, dtype)
+        special = rng.normal(size=(6, 5, 7))
+        special[2, 3, 4], special[1, 4, 0] = np.nan, np.inf
+        moments(special, dtype, label="NaN and Inf channels")
+    far = 1e4 + 0.1 * rng.normal(size=(16, 2, 1000))
+    moments(far, "float64", label="1e4 + 0.1 N(0, 1)")
+    forward(far, "float64")
+    moments(1e300 + 1e299 * rng.normal(size=(16, 2, 1000)), "float64", label="near 1e300")
+    moments(rng.uniform(1e308, 1.7e308, size=(8, 3, 40)), "float64", label="near the largest float64")
+    moments(np.clip(3e38 + 1e37 * rng.normal(size=(16, 2, 1000)), -3.4e38, 3.4e38), "float32", label="near 3e38")
     for dtype in ("float32", "float64"):
         for shape, axis in (((4, 3, 7), 1), ((5, 6, 3, 4), -1), ((8, 3, 40, 40), 1), ((600, 2), 1)):
             x_host = 3.0 + 2.0 * rng.normal(size=shape)
@@ -355,8 +422,8 @@ def main() -> int:
     for offset, spread in ((1e12, 1.0), (1e300, 1e299), (0.0, 1e-300)):
         forward(offset + spread * rng.normal(size=(8, 3, 4, 4)), "float64", truth="pure")
     for shape, training, sequence in (  # the launches of a call
-        ((8, 3, 40, 40), True, ["pbn_first_pass", "pbn_combine", "pbn_scale_and_shift", "pbn_shifted_sums",
-                                "pbn_combine", "pbn_train_vectors", "pbn_affine"]),
+        ((8, 3, 40, 40), True, ["pbn_block_moments", "pbn_merge_moments", "pbn_about_the_mean",
+                                "pbn_moments_vectors", "pbn_affine"]),
         ((8, 3, 40, 40), False, ["pbn_eval_vectors", "pbn_affine"]),
     ):  # fmt: skip
         launched.clear()

@@ -92,7 +92,7 @@ def _compare(cp, x_host, dtype, *, training, axis=1, affine=True, running=True, 
     return kernels
 
 
-TRAIN = ["first_pass", "combine", "scale_and_shift", "shifted_sums", "combine", "train_vectors", "affine"]
+TRAIN = ["block_moments", "merge_moments", "about_the_mean", "moments_vectors", "affine"]
 EVAL = ["eval_vectors", "affine"]
 
 

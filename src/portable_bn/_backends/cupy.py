@@ -3,16 +3,26 @@ and the per-channel arithmetic compiled into one kernel.
 
 Why: CuPy runs each array operation as a kernel launch of about 7 us of Python and driver
 time, and the pure primitives with the shared per-channel arithmetic are some sixty of them
-(H100: 0.7 to 1.4 ms a training call, 5 to 30 x cuDNN). Here a training call is seven
-launches (pass 1 and its combine, the scale and shift, the sums and their combine, the
-per-channel vectors, the output), an eval call two, a backward four:
+(H100: 0.7 to 1.4 ms a training call, 5 to 30 x cuDNN). Here a training call is five
+launches (the block moments and their merge, the mean retaken about itself, the per-channel
+vectors, the output), an eval call two, a backward four:
 
-- reductions (:meth:`CupyPrimitives.first_pass`, ``shifted_sums``, ``product_sums``): each
-  block of a kernel reduces one slice of one channel of the input, viewed as ``(N, C, L)``,
-  into float64 partial sums (and minima, maxima); every channel's partials are then combined
-  in one fixed order, so the same input always gives the same bits (no atomics). The values
-  are formed in float64 (``x * scale - shift``): a float64 sum of float32 data neither
-  overflows nor loses the offset.
+- :meth:`CupyPrimitives.block_moments` (the statistics of a training call, ``one_read``):
+  each block of the kernel takes one slice of one channel of the input, viewed as
+  ``(N, C, L)``: its largest magnitude's power-of-two scale, its mean, and in a second pass
+  over the same slice its deviations' sums and M2 (a constant slice exactly), in float64;
+  one thread per channel then merges its blocks' moments in block order (Chan, Golub and
+  LeVeque, about the first block's mean), the algorithm of the Numba and Triton kernels.
+- the other reductions (:meth:`CupyPrimitives.first_pass`, ``shifted_sums``,
+  ``product_sums``; the backward, masked and symbolic routes): each block of a kernel
+  reduces one slice of one channel into float64 partial sums (and minima, maxima).
+
+Every channel's partials are combined in one fixed order, so the same input always gives
+the same bits (no atomics). The values are formed in float64 (``x * scale - shift``): a
+float64 sum of float32 data neither overflows nor loses the offset.
+
+Other primitives:
+
 - the fused scale-and-shift and the input gradient's form: ``cupy.ElementwiseKernel`` (any
   strides, no copy of the input).
 - :meth:`CupyPrimitives.per_channel`: the shared function (statistics, running update,
@@ -54,16 +64,19 @@ struct PbnAdd { __device__ double operator()(double a, double b) const { return 
 struct PbnMin { __device__ double operator()(double a, double b) const { return fmin(a, b); } };
 struct PbnMax { __device__ double operator()(double a, double b) const { return fmax(a, b); } };
 
+struct PbnLeast { __device__ long long operator()(long long a, long long b) const { return a < b ? a : b; } };
+struct PbnGreatest { __device__ long long operator()(long long a, long long b) const { return a > b ? a : b; } };
+
 // Tree reduction over the block (blockDim.x == PBN_THREADS); every thread gets the result.
-template <typename Op>
-__device__ double pbn_block_reduce(double value, Op op, double* shared) {
+template <typename V, typename Op>
+__device__ V pbn_block_reduce(V value, Op op, V* shared) {
     shared[threadIdx.x] = value;
     __syncthreads();
     for (unsigned int stride = PBN_THREADS / 2; stride > 0; stride >>= 1) {
         if (threadIdx.x < stride) shared[threadIdx.x] = op(shared[threadIdx.x], shared[threadIdx.x + stride]);
         __syncthreads();
     }
-    const double result = shared[0];
+    const V result = shared[0];
     __syncthreads();
     return result;
 }
@@ -160,6 +173,130 @@ __global__ void pbn_product_sums(const T* __restrict__ grad, const T* __restrict
     }
 }
 
+// A value's bit pattern as a signed integer (a float's sign-extended).
+__device__ long long pbn_bits(float v) { return (long long)__float_as_int(v); }
+__device__ long long pbn_bits(double v) { return __double_as_longlong(v); }
+
+// From the bit pattern of a block's largest magnitude: 2**-k, k = floor(log2(max|x|)), where
+// max|x| >= 2 (the exponent field), k at most 126 (float) or 1022 (double), else 1; 0 for a
+// block holding an infinity (its moments become NaN), 1 for one holding NaN. Exact.
+__device__ double pbn_power_of_two_scale(long long largest, int wide) {
+    const int mantissa = wide ? 52 : 23;
+    const long long field_mask = wide ? 0x7ffLL : 0xffLL, bias = wide ? 1023LL : 127LL;
+    const long long field = (largest >> mantissa) & field_mask;
+    if (field == field_mask) return (largest & ((1LL << mantissa) - 1)) == 0 ? 0.0 : 1.0;
+    const long long exponent = field - bias;
+    if (exponent < 1) return 1.0;
+    const long long k = exponent < bias - 1 ? exponent : bias - 1;
+    return __longlong_as_double((1023LL - k) << 52);
+}
+
+// Per block, the moments of x * scale over its values (a block: one slice of one channel, as
+// PBN_CHANNEL_LOOP) -> part[5 * block + k]: count, mean, correction, M2, scale. Pass 1: the
+// largest magnitude's bit pattern (the block's power-of-two scale), the least and greatest bit
+// patterns, sum(x * shrink) (shrink * chunk < 1: it cannot overflow); mean = the sum rescaled,
+// rounded. Pass 2, over the same values: sum(d), sum(d * d), d = x * scale - mean; the
+// correction sum(d) / k is kept apart from the mean, M2 = sum(d * d) - sum(d) * correction.
+// A constant block (every bit pattern the same): mean x * scale, correction and M2 0, exactly.
+template <typename T, typename I>
+__global__ void pbn_block_moments(const T* __restrict__ x, double shrink, I count, I CL, I L, I blocks, I chunk,
+                                  I step_n, I step_l, double* __restrict__ part) {
+    __shared__ double shared[PBN_THREADS];
+    __shared__ long long patterns[PBN_THREADS];
+    const long long magnitude = sizeof(T) == 4 ? 0x7fffffffLL : 0x7fffffffffffffffLL;
+    long long largest = 0, least = 0x7fffffffffffffffLL, greatest = -0x7fffffffffffffffLL - 1;
+    double total = 0.0;
+    {
+        PBN_CHANNEL_LOOP(
+            const T v = x[off];
+            const long long pattern = pbn_bits(v);
+            largest = (pattern & magnitude) > largest ? (pattern & magnitude) : largest;
+            least = pattern < least ? pattern : least;
+            greatest = pattern > greatest ? pattern : greatest;
+            total += (double)v * shrink;
+        )
+    }
+    largest = pbn_block_reduce(largest, PbnGreatest(), patterns);
+    least = pbn_block_reduce(least, PbnLeast(), patterns);
+    greatest = pbn_block_reduce(greatest, PbnGreatest(), patterns);
+    total = pbn_block_reduce(total, PbnAdd(), shared);
+    const I c = blockIdx.x / blocks, b = blockIdx.x - c * blocks;
+    const I begin = b * chunk;
+    const I end = begin + chunk < count ? begin + chunk : count;
+    const double k = (double)(end - begin);
+    const double scale = pbn_power_of_two_scale(largest, sizeof(T) == 8);
+    double* out = part + 5 * (unsigned long long)blockIdx.x;
+    if (least == greatest) {  // uniform across the block: no second pass
+        if (threadIdx.x == 0) {
+            const I n = begin / L, l = begin - n * L;
+            out[0] = k;
+            out[1] = (double)x[n * CL + c * L + l] * scale;
+            out[2] = 0.0;
+            out[3] = 0.0;
+            out[4] = scale;
+        }
+        return;
+    }
+    const double mean = total * (scale / shrink) / k;
+    double deviations = 0.0, squares = 0.0;
+    {
+        PBN_CHANNEL_LOOP(
+            const double d = (double)x[off] * scale - mean;
+            deviations += d;
+            squares += d * d;
+        )
+    }
+    deviations = pbn_block_reduce(deviations, PbnAdd(), shared);
+    squares = pbn_block_reduce(squares, PbnAdd(), shared);
+    if (threadIdx.x == 0) {
+        const double correction = deviations / k;
+        out[0] = k;
+        out[1] = mean;
+        out[2] = correction;
+        out[3] = squares - deviations * correction;
+        out[4] = scale;
+    }
+}
+
+// One thread per channel: its blocks' moments (pbn_block_moments) merged in block order (Chan,
+// Golub and LeVeque) at the finer of the scales met so far (powers of two: exact), about the
+// first block's mean (the shift); a block's mean about the shift is (mean_b - shift) +
+// correction_b, so no digit is lost however far the data are from zero.
+// -> out[k * channels + c]: shift, mean about it, M2, scale.
+template <typename I>
+__global__ void pbn_merge_moments(const double* __restrict__ part, I channels, I blocks, double* __restrict__ out) {
+    const I c = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    double count = 0.0, shift = 0.0, mean = 0.0, m2 = 0.0, scale = 1.0;
+    for (I b = 0; b < blocks; ++b) {
+        const double* block = part + 5 * (unsigned long long)(c * blocks + b);
+        const double count_b = block[0], scale_b = block[4];
+        double mean_b = block[1], correction_b = block[2], m2_b = block[3];
+        if (count_b == 0.0) continue;
+        if (count == 0.0) {
+            count = count_b, shift = mean_b, mean = correction_b, m2 = m2_b, scale = scale_b;
+            continue;
+        }
+        if (scale_b < scale) {
+            const double ratio = scale_b / scale;
+            shift = shift * ratio, mean = mean * ratio, m2 = m2 * (ratio * ratio), scale = scale_b;
+        } else if (scale < scale_b) {
+            const double ratio = scale / scale_b;
+            mean_b = mean_b * ratio, correction_b = correction_b * ratio, m2_b = m2_b * (ratio * ratio);
+        }
+        const double total = count + count_b;
+        const double weight = count_b / total;
+        const double delta = ((mean_b - shift) + correction_b) - mean;
+        mean = mean + delta * weight;
+        m2 = m2 + m2_b + delta * delta * (count * weight);
+        count = total;
+    }
+    out[c] = shift;
+    out[channels + c] = mean;
+    out[2 * (unsigned long long)channels + c] = m2;
+    out[3 * (unsigned long long)channels + c] = scale;
+}
+
 // One thread per channel: its blocks' partials combined in block order (kind 0: sum, 1: min,
 // 2: max for each of the width partials of a block) -> out[k * channels + c].
 template <typename I>
@@ -179,7 +316,7 @@ __global__ void pbn_combine(const double* __restrict__ part, I channels, I block
 }
 """
 
-_REDUCTIONS = ("first_pass", "shifted_sums", "product_sums")
+_REDUCTIONS = ("first_pass", "shifted_sums", "product_sums", "block_moments")
 _SUM, _MIN, _MAX = np.int32(0), np.int32(1), np.int32(2)
 _YES, _NO = np.int32(1), np.int32(0)
 _WIDE_FROM = 2**31  # inputs of this many elements or more index with long long (tests lower it)
@@ -193,6 +330,7 @@ def _kernels(dtype: np.dtype, wide: bool, device_id: int) -> dict[str, Any]:
     index = "long long" if wide else "unsigned int"
     names = {name: f"pbn_{name}<{_DTYPES[dtype]}, {index}>" for name in _REDUCTIONS}
     names["combine"] = f"pbn_combine<{index}>"
+    names["merge_moments"] = f"pbn_merge_moments<{index}>"
     module = cp.RawModule(code=_SOURCE, options=_OPTIONS, name_expressions=list(names.values()))
     return {name: module.get_function(expression) for name, expression in names.items()}
 
@@ -257,6 +395,22 @@ def _reduce(name: str, inputs: tuple[Any, ...], middle: tuple[Any, ...], recipe:
     return tuple(out[k] for k in range(width))
 
 
+def _block_moments(x: Any, recipe: Recipe) -> tuple[Any, Any, Any, Any]:
+    """Per channel ``(shift, mean, m2, scale)`` (:meth:`CupyPrimitives.block_moments`): each
+    reduction block's moments, then every channel's merged in block order."""
+    x = cp.ascontiguousarray(x)
+    plan = _plan(tuple(x.shape), recipe.channel_axis, _multiprocessors(x.device.id))
+    kernels = _kernels(x.dtype, plan.wide, x.device.id)
+    chunk = int(plan.loop[4])
+    shrink = np.float64(math.ldexp(1.0, -chunk.bit_length()))  # chunk * shrink < 1: no overflow
+    channels = int(plan.channels)
+    part = cp.empty(channels * int(plan.blocks) * 5, dtype=cp.float64)
+    kernels["block_moments"](plan.reduce_grid, (_THREADS,), (x, shrink, *plan.loop, part))
+    out = cp.empty((4, channels), dtype=cp.float64)
+    kernels["merge_moments"](plan.combine_grid, (_VECTOR_BLOCK,), (part, plan.channels, plan.blocks, out))
+    return out[0], out[1], out[2], out[3]
+
+
 def _optional(x: Any, first: Any, second: Any) -> tuple[Any, ...]:
     """Two optional per-channel vectors as the kernels take them: dense vectors of ``x``'s dtype
     (an absent one: any array of the dtype, not read) and their presence flags."""
@@ -274,6 +428,19 @@ class CupyPrimitives(Primitives):
     """Reductions, elementwise forms and per-channel arithmetic as CuPy kernels."""
 
     name = "CuPy kernels"
+
+    def one_read(self, x: Any) -> bool:
+        return _fits(x)
+
+    def block_moments(self, x: Any, recipe: Recipe) -> tuple[Any, Any, Any, Any]:
+        """The moments of :meth:`.Primitives.block_moments` from two kernels: each reduction block
+        (one slice of one channel) takes its largest magnitude, power-of-two scale, mean and,
+        in a second pass over the same slice, its deviations' sums and M2; one thread per
+        channel merges its blocks' moments in block order. ``scale``: the channel's finest
+        block scale (float64, as are the others)."""
+        if not _fits(x):
+            return super().block_moments(x, recipe)
+        return _block_moments(x, recipe)
 
     def first_pass(self, x: Any, recipe: Recipe, shrink: float) -> tuple[Any, Any, Any]:
         if not _fits(x):
